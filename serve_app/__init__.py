@@ -1,0 +1,1 @@
+"""genguard's Ray Serve application: HTTP router, engines, model deployments."""

@@ -1,0 +1,116 @@
+"""Production Deployment Manager: health of every model deployment.
+
+It reads Serve's own view (``serve.status()``: deployment status and replica
+counts) on a background interval and turns it into genguard's per-model
+health: ``healthy`` (at least one running replica, deployment healthy),
+``degraded`` (running, but fewer than wanted or the deployment reports
+unhealthy replicas), ``down`` (no running replica after the first start
+finished: constructor failures, ``DEPLOY_FAILED``). ``settled`` says the
+model's first start has finished, healthy or given up — ``/readyz`` waits for
+that.
+
+The router never calls a deployment with no running replica: a handle call
+to it would sit in Serve's queue forever (measured; see DESIGN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("genguard.health")
+
+
+@dataclass
+class ModelHealth:
+    health: str = "down"  # healthy | degraded | down
+    settled: bool = False
+    status: str = "UNKNOWN"
+    running: int = 0
+    healthy: int = 0
+    target: int = 0
+    message: str = ""
+    since: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "health": self.health,
+            "status": self.status,
+            "replicas": {"running": self.running, "healthy": self.healthy, "target": self.target},
+            "message": self.message,
+            "since": self.since,
+        }
+
+
+def classify(status: str, replica_states: dict[str, int], message: str) -> tuple[str, bool, int]:
+    """(health, settled, running) from one Serve deployment status."""
+    running = int(replica_states.get("RUNNING", 0))
+    starting = sum(int(v) for k, v in replica_states.items() if k in ("STARTING", "PENDING_MIGRATION"))
+    if status == "DEPLOY_FAILED":
+        return ("degraded" if running else "down"), True, running
+    if status in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
+        return ("healthy" if running else "down"), running > 0 or status == "HEALTHY", running
+    if status == "UNHEALTHY":
+        return ("degraded" if running else "down"), True, running
+    # UPDATING: first start (or a rollout) in progress.
+    del starting
+    return ("healthy" if running else "down"), running > 0, running
+
+
+class HealthMonitor:
+    """Polls ``serve.status()`` for one application's model deployments."""
+
+    def __init__(self, app_name: str, models: list[str], poll_s: float = 1.0):
+        self.app_name = app_name
+        self.poll_s = poll_s
+        self.models: dict[str, ModelHealth] = {m: ModelHealth() for m in models}
+        self.last_poll: float | None = None
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception as exc:  # keep polling; report the problem in /v1/status
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("health poll failed: %s", self.last_error)
+            await asyncio.sleep(self.poll_s)
+
+    async def poll_once(self) -> None:
+        from ray import serve
+
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(self.app_name)
+        if app is None:
+            return
+        for key, mh in self.models.items():
+            dep = app.deployments.get(key)
+            if dep is None:
+                continue
+            states = {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
+            st = str(getattr(dep.status, "value", dep.status))
+            health, settled, running = classify(st, states, dep.message)
+            if health != mh.health:
+                mh.since = time.time()
+            mh.health, mh.status, mh.running = health, st, running
+            mh.healthy = running
+            mh.target = sum(states.values())
+            mh.message = dep.message or ""
+            mh.settled = mh.settled or settled
+        self.last_poll = time.time()
+        self.last_error = None
+
+    def is_up(self, key: str) -> bool:
+        mh = self.models.get(key)
+        return mh is not None and mh.health in ("healthy", "degraded") and mh.running > 0
+
+    def all_settled(self) -> bool:
+        return all(m.settled for m in self.models.values())

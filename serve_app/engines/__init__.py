@@ -1,0 +1,1 @@
+"""The Enhanced Image and Video Engines: run a request through its chain."""

@@ -1,0 +1,1 @@
+"""Model deployments, one family per module."""

@@ -1,0 +1,446 @@
+"""The HTTP ingress (deployment ``router``): FastAPI via ``serve.ingress``.
+
+Validates requests (422 naming the field and the rule), picks the workflow
+and its chain, and hands the request to the image or video engine, which
+calls the model deployments. Response bodies are raw PNG / MP4 bytes; every
+response carries ``X-Request-Id``; errors are JSON (see API.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.config import (
+    MODEL_OUTPUT,
+    PIPELINE_CLASSES,
+    AppConfig,
+    load_app_config,
+)
+from serve_app.deployment_manager import HealthMonitor
+from serve_app.engines.base import Engine, EngineError, PreparedRequest
+from serve_app.schemas import EditRequest, GenerationRequest, ImageRequest, VideoRequest
+from serve_app.validation import Violation, check_params, decode_image
+
+log = logging.getLogger("genguard.router")
+
+
+class _BodyLimit:
+    """413 for bodies over the configured limit (Content-Length or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._reject(scope, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._reject(scope, send)
+
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        resp = _error_response(
+            413,
+            "payload_too_large",
+            f"request body exceeds the limit of {self.limit} bytes",
+            _request_id_of(scope),
+        )
+        await resp(scope, _null_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _null_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _request_id_of(scope: Scope) -> str:
+    state = scope.setdefault("state", {})
+    rid = state.get("request_id")
+    if rid is None:
+        given = dict(scope.get("headers") or []).get(b"x-request-id")
+        rid = given.decode("latin-1")[:128] if given else uuid.uuid4().hex
+        state["request_id"] = rid
+    return str(rid)
+
+
+def _error_response(
+    status: int,
+    kind: str,
+    message: str,
+    request_id: str,
+    attempts: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {
+        "error": {"kind": kind, "message": message},
+        "request_id": request_id,
+        "attempts": attempts or [],
+    }
+    return JSONResponse(body, status_code=status, headers={"X-Request-Id": request_id, **(headers or {})})
+
+
+def _validation_response(violations: list[Violation], request_id: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": [v.as_detail() for v in violations]},
+        status_code=422,
+        headers={"X-Request-Id": request_id},
+    )
+
+
+def _decode_b64(data: str) -> bytes:
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"image must be base64: {exc}") from exc
+
+
+SWAGGER_DIR = None
+try:  # served from the package so /docs works on a closed network
+    import swagger_ui_bundle
+
+    SWAGGER_DIR = Path(swagger_ui_bundle.swagger_ui_path)
+except ImportError:  # pragma: no cover - it is a declared dependency
+    pass
+
+app = FastAPI(
+    title="genguard",
+    version="0.1.0",
+    description="Resilient image and video diffusion serving on Ray Serve.",
+    docs_url=None,
+    redoc_url=None,
+)
+if SWAGGER_DIR is not None:
+    app.mount("/static/swagger", StaticFiles(directory=str(SWAGGER_DIR)), name="swagger")
+
+
+@app.middleware("http")
+async def _request_id_mw(request: Request, call_next: Any) -> Response:
+    rid = _request_id_of(request.scope)
+    response: Response = await call_next(request)
+    response.headers.setdefault("X-Request-Id", rid)
+    return response
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    detail = []
+    for err in exc.errors():
+        item = {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+        if item["type"] == "missing":
+            item["msg"] = f"{item['loc'][-1]} is required" if item["loc"] else "field required"
+        elif item["type"] == "extra_forbidden":
+            item["msg"] = f"unknown field {item['loc'][-1]!r}"
+        detail.append(item)
+    return JSONResponse(
+        {"detail": detail}, status_code=422, headers={"X-Request-Id": _request_id_of(request.scope)}
+    )
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+    return _error_response(
+        exc.status_code, kind, str(exc.detail), _request_id_of(request.scope), headers=getattr(exc, "headers", None)
+    )
+
+
+@app.get("/docs", include_in_schema=False)
+async def _docs() -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="genguard API",
+        swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+        swagger_css_url="/static/swagger/swagger-ui.css",
+        swagger_favicon_url="/static/swagger/favicon-32x32.png",
+    )
+
+
+@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=5)
+@serve.ingress(app)
+class Router:
+    """Ingress: validation, workflow selection, engines, health and catalog."""
+
+    def __init__(self, config: dict[str, Any], models: dict[str, Any]):
+        self.cfg: AppConfig = load_app_config(config)
+        self.handles = models
+        try:
+            app_name = serve.get_replica_context().app_name
+        except Exception:  # not inside Serve (direct construction in tests)
+            app_name = "genguard"
+        self.health = HealthMonitor(app_name, list(self.cfg.models), self.cfg.status_poll_s)
+        self.image_engine = Engine("image", self.cfg, self.handles, self.health)
+        self.video_engine = Engine("video", self.cfg, self.handles, self.health)
+        self.started_at = time.time()
+        install_body_limit(self.cfg.max_body_bytes)
+
+    async def _ensure_started(self) -> None:
+        self.health.start()
+
+    # -- generation ------------------------------------------------------
+    @app.post(
+        "/v1/images",
+        responses={200: {"content": {"image/png": {}}, "description": "PNG bytes"}},
+        response_class=Response,
+    )
+    async def images(self, body: ImageRequest, request: Request) -> Response:
+        return await self._generate("text-to-image", body, request)
+
+    @app.post(
+        "/v1/images/edits",
+        responses={200: {"content": {"image/png": {}}, "description": "PNG bytes"}},
+        response_class=Response,
+    )
+    async def edits(self, body: EditRequest, request: Request) -> Response:
+        return await self._generate("image-edit", body, request)
+
+    @app.post(
+        "/v1/videos",
+        responses={200: {"content": {"video/mp4": {}}, "description": "MP4 bytes"}},
+        response_class=Response,
+    )
+    async def videos(self, body: VideoRequest, request: Request) -> Response:
+        if body.trajectories and body.image is None:
+            return _validation_response(
+                [Violation(("body", "image"), "image is required when trajectories are given", "missing")],
+                _request_id_of(request.scope),
+            )
+        if body.trajectories:
+            wf = "trajectory-to-video"
+        elif body.image is not None:
+            wf = "image-to-video"
+        else:
+            wf = "text-to-video"
+        return await self._generate(wf, body, request)
+
+    async def _generate(self, workflow: str, body: GenerationRequest, request: Request) -> Response:
+        await self._ensure_started()
+        rid = _request_id_of(request.scope)
+        prepared = self._prepare(workflow, body, rid)
+        if isinstance(prepared, JSONResponse):
+            return prepared
+        engine = self.video_engine if MODEL_OUTPUT[prepared.chain[0].model] == "video" else self.image_engine
+        try:
+            result = await engine.run(prepared)
+        except EngineError as exc:
+            headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+            return _error_response(exc.status, exc.kind, str(exc), rid, exc.attempts, headers)
+        headers = {
+            "X-Request-Id": rid,
+            "X-Model": result.model,
+            "X-Attempts": str(result.attempts),
+            "X-Fallback-Depth": str(result.fallback_depth),
+            "X-Degradation-Level": str(result.degradation_level),
+            "X-Seed": str(prepared.payload["seed"]),
+        }
+        if result.adjustments:
+            import json
+
+            headers["X-Adjustments"] = json.dumps(result.adjustments, separators=(",", ":"))
+        if result.dropped_inputs:
+            headers["X-Dropped-Inputs"] = ",".join(result.dropped_inputs)
+        return Response(content=result.data, media_type=result.media_type, headers=headers)
+
+    def _prepare(self, workflow: str, body: GenerationRequest, rid: str) -> PreparedRequest | JSONResponse:
+        """Resolve the chain and the parameters of the first step, and check
+        them against that step's constraints."""
+        cfg = self.cfg
+        chain = list(cfg.workflows[workflow].chain)
+        if body.model is not None:
+            able = [s.model for s in chain]
+            if body.model not in cfg.models or body.model not in able:
+                return _validation_response(
+                    [
+                        Violation(
+                            ("body", "model"),
+                            f"model {body.model!r} cannot serve {workflow}; use one of: {', '.join(able)}",
+                            "value_error.model",
+                        )
+                    ],
+                    rid,
+                )
+            idx = able.index(body.model)
+            chain = [chain[idx]] + [s for i, s in enumerate(chain) if i != idx]
+        if body.fallback == "strict":
+            chain = [chain[0]] + [s for s in chain[1:] if not s.drops]
+        first = chain[0].model
+        mcfg = cfg.models[first]
+        d = mcfg.defaults
+        video = MODEL_OUTPUT[first] == "video"
+        payload: dict[str, Any] = {
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
+            "width": body.width if body.width is not None else d.width,
+            "height": body.height if body.height is not None else d.height,
+            "num_inference_steps": (
+                body.num_inference_steps if body.num_inference_steps is not None else d.num_inference_steps
+            ),
+            "guidance_scale": body.guidance_scale if body.guidance_scale is not None else d.guidance_scale,
+            "seed": body.seed if body.seed is not None else secrets.randbelow(2**32),
+        }
+        violations: list[Violation] = []
+        if video:
+            nf = getattr(body, "num_frames", None)
+            payload["num_frames"] = nf if nf is not None else (d.num_frames or 9)
+            fps = getattr(body, "fps", None)
+            payload["fps"] = fps if fps is not None else d.fps
+            tracks = getattr(body, "trajectories", None)
+            payload["trajectories"] = tracks or None
+        image_b64 = getattr(body, "image", None)
+        if image_b64 is not None:
+            try:
+                raw = _decode_b64(image_b64)
+                decode_image(raw)
+                payload["image"] = raw
+            except ValueError as exc:
+                violations.append(Violation(("body", "image"), str(exc), "value_error.image"))
+        violations += check_params(payload, mcfg.constraints, video=video)
+        if body.deadline_s is not None and body.deadline_s > cfg.deadline.max_s:
+            violations.append(
+                Violation(
+                    ("body", "deadline_s"),
+                    f"deadline_s must be at most {cfg.deadline.max_s:g}",
+                    "value_error.range",
+                )
+            )
+        if violations:
+            return _validation_response(violations, rid)
+        deadline_s = body.deadline_s if body.deadline_s is not None else cfg.deadline.default_s
+        return PreparedRequest(
+            request_id=rid,
+            workflow=workflow,
+            chain=chain,
+            payload=payload,
+            deadline_at=time.monotonic() + deadline_s,
+            fallback=body.fallback,
+            degradation=body.degradation,
+        )
+
+    # -- health and catalog ------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        await self._ensure_started()
+        return {"ok": True}
+
+    def _workflow_health(self) -> dict[str, Any]:
+        out = {}
+        for wf, w in self.cfg.workflows.items():
+            healthy = [m for m in w.models if self.health.is_up(m)]
+            out[wf] = {"servable": bool(healthy), "healthy": healthy}
+        return out
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        await self._ensure_started()
+        if self.health.last_poll is None:
+            try:
+                await self.health.poll_once()
+            except Exception as exc:  # reported below; readiness stays false
+                self.health.last_error = str(exc)
+        workflows = self._workflow_health()
+        settled = self.health.all_settled()
+        ready = settled and all(w["servable"] for w in workflows.values())
+        body = {
+            "ready": ready,
+            "settled": settled,
+            "workflows": workflows,
+            "models": {k: m.health for k, m in self.health.models.items()},
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        cfg = self.cfg
+        models = {}
+        for key, m in cfg.models.items():
+            c = m.constraints
+            models[key] = {
+                "pipeline": PIPELINE_CLASSES[key],
+                "source": m.source,
+                "output": MODEL_OUTPUT[key],
+                "workflows": cfg.workflows_of(key),
+                "constraints": {
+                    "multiple_of": c.multiple_of,
+                    "min_side_px": c.min_side_px,
+                    "max_side_px": c.max_side_px,
+                    "max_steps": c.max_steps,
+                    "max_pixel_frames": c.max_pixel_frames,
+                    "max_prompt_chars": c.max_prompt_chars,
+                    "frames": c.frames.model_dump() if c.frames else None,
+                },
+                "defaults": m.defaults.model_dump(),
+            }
+        return {
+            "object": "list",
+            "data": [{"id": k, "object": "model", "owned_by": "genguard"} for k in cfg.models],
+            "models": models,
+            "workflows": {
+                wf: {
+                    "chain": w.models,
+                    "substitutes": {s.model: list(s.drops) for s in w.chain if s.drops},
+                }
+                for wf, w in cfg.workflows.items()
+            },
+        }
+
+    @app.get("/v1/status")
+    async def status(self) -> dict[str, Any]:
+        await self._ensure_started()
+        return {
+            "degradation": {"level": 0, "mode": "auto"},
+            "supervisor": {"reachable": False, "snapshot_age_s": None},
+            "health_poll": {"last_poll": self.health.last_poll, "last_error": self.health.last_error},
+            "models": {
+                k: {
+                    "health": m.health,
+                    "breaker": {"state": "closed", "since": self.started_at},
+                    "replicas": {"running": m.running, "healthy": m.healthy},
+                    "last_error": m.message or None,
+                }
+                for k, m in self.health.models.items()
+            },
+            "incidents": {"open": [], "recent": []},
+        }
+
+
+def install_body_limit(limit: int) -> None:
+    """Wrap the FastAPI app's ASGI stack with the body-size limit."""
+    if not any(getattr(m, "cls", None) is _BodyLimit for m in app.user_middleware):
+        app.add_middleware(_BodyLimit, limit=limit)
