@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import WanImageToVideoPipeline
+from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
 
 from serve_app.params import GenerationParams
 
@@ -152,7 +152,9 @@ def _track_array(points: Sequence[Sequence[float]]) -> np.ndarray:
     arr = np.ones((len(points), 3), dtype=np.float64)
     for i, point in enumerate(points):
         if len(point) not in (2, 3):
-            raise ValueError(f"point {i}: expected [x, y] or [x, y, visible], got {len(point)} values")
+            raise ValueError(
+                f"point {i}: expected [x, y] or [x, y, visible], got {len(point)} values"
+            )
         arr[i, : len(point)] = [float(v) for v in point]
     return arr
 
@@ -166,7 +168,11 @@ def resample_track(points: Sequence[Sequence[float]], num_frames: int) -> np.nda
     frames); visibility takes the nearest input point (ties go to the later
     one). A single point stays put for the whole clip.
     """
-    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+    if (
+        isinstance(num_frames, bool)
+        or not isinstance(num_frames, (int, np.integer))
+        or num_frames < 1
+    ):
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
     src = _track_array(points)
     n = src.shape[0]
@@ -203,7 +209,9 @@ def to_latent_grid(resampled: np.ndarray, latent_h: int, latent_w: int) -> np.nd
     return out
 
 
-def latent_frame_count(num_frames: int, temporal_compression: int = WAN_TEMPORAL_COMPRESSION) -> int:
+def latent_frame_count(
+    num_frames: int, temporal_compression: int = WAN_TEMPORAL_COMPRESSION
+) -> int:
     """Latent frames Wan's VAE makes from ``num_frames`` pixel frames: ``(num_frames - 1) // 4 + 1``."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
@@ -234,7 +242,8 @@ def latent_track_positions(
     """(T_lat, 3) latent-grid (col, row, visible) of one track at each latent frame."""
     resampled = resample_track(points, num_frames)
     grid = to_latent_grid(resampled, latent_h, latent_w)
-    return grid[latent_to_pixel_frames(num_frames, temporal_compression)]
+    picked: np.ndarray = grid[latent_to_pixel_frames(num_frames, temporal_compression)]
+    return picked
 
 
 # --------------------------------------------------------------------------
@@ -249,7 +258,9 @@ def _gaussian_weight(
     cols = torch.arange(w, dtype=torch.float32, device=device).view(1, w)
     d2 = (rows - row) ** 2 + (cols - col) ** 2
     weight = torch.exp(-d2 / (2.0 * sigma * sigma))
-    return torch.where(d2 <= (GAUSSIAN_RADIUS_SIGMAS * sigma) ** 2, weight, torch.zeros_like(weight))
+    return torch.where(
+        d2 <= (GAUSSIAN_RADIUS_SIGMAS * sigma) ** 2, weight, torch.zeros_like(weight)
+    )
 
 
 def apply_ati_conditioning(
@@ -308,7 +319,9 @@ def apply_ati_conditioning(
     )  # (N, 2) normalized x, y
     frame0 = latent_condition[:, :, 0].to(torch.float32)  # (B, C, H, W)
     grid = (starts * 2.0 - 1.0).view(1, 1, -1, 2).expand(frame0.shape[0], -1, -1, -1)
-    features = F.grid_sample(frame0, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    features = F.grid_sample(
+        frame0, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     features = features[:, :, 0, :]  # (B, C, N)
 
     work = out.to(torch.float32)
@@ -328,7 +341,7 @@ def apply_ati_conditioning(
 # --------------------------------------------------------------------------
 
 
-class WanATIPipeline(WanImageToVideoPipeline):  # type: ignore[misc]
+class WanATIPipeline(WanImageToVideoPipeline):
     """``WanImageToVideoPipeline`` whose image-conditioning latent follows point tracks.
 
     Set the tracks for one call with :meth:`ati_trajectories` (a context
@@ -342,15 +355,21 @@ class WanATIPipeline(WanImageToVideoPipeline):  # type: ignore[misc]
     _ati_sigma: float = 1.0
     _ati_active: bool = False
 
+    def _expand_timesteps(self) -> bool:
+        # Wan2.2 TI2V layout: the condition is the first latent frame only.
+        return bool(getattr(self.config, "expand_timesteps", False))
+
     @contextmanager
-    def ati_trajectories(self, tracks: Sequence[Any] | None, *, sigma: float = 1.0) -> Iterator[None]:
+    def ati_trajectories(
+        self, tracks: Sequence[Any] | None, *, sigma: float = 1.0
+    ) -> Iterator[None]:
         """Use ``tracks`` (None/empty: plain I2V) for the pipeline call made inside the block."""
         if self._ati_active:
             raise RuntimeError(
                 "WanATIPipeline is already inside a call; calls on one pipeline must be serialized"
             )
         if tracks:
-            if self.config.expand_timesteps:
+            if self._expand_timesteps():
                 raise NotImplementedError(
                     "ATI trajectories are not supported with expand_timesteps=True (Wan2.2 TI2V): "
                     "its condition holds the first latent frame only, so there are no later "
@@ -399,8 +418,10 @@ class WanATIPipeline(WanImageToVideoPipeline):  # type: ignore[misc]
         tracks = self._ati_tracks
         if not tracks:
             return tuple(outputs)
-        if self.config.expand_timesteps:
-            raise NotImplementedError("ATI trajectories are not supported with expand_timesteps=True")
+        if self._expand_timesteps():
+            raise NotImplementedError(
+                "ATI trajectories are not supported with expand_timesteps=True"
+            )
         latents_out, condition = outputs
         # condition = cat([mask (vae_scale_factor_temporal channels), latent_condition (z_dim)], dim=1)
         z_dim = int(self.vae.config.z_dim)
@@ -427,8 +448,11 @@ class WanATIRunner:
     pipeline_class_name: str = "WanATIPipeline"
 
     def load(self, source: str, device: str, dtype: torch.dtype) -> Any:
-        """``WanATIPipeline.from_pretrained(source, torch_dtype=dtype).to(device)``."""
-        return WanATIPipeline.from_pretrained(source, torch_dtype=dtype).to(device)
+        """``WanATIPipeline.from_pretrained(source, dtype=dtype).to(device)``.
+
+        ``dtype=`` is diffusers 0.42's name for ``torch_dtype`` (deprecated there).
+        """
+        return WanATIPipeline.from_pretrained(source, dtype=dtype).to(device)
 
     def run(
         self,

@@ -312,7 +312,9 @@ def test_first_frame_and_far_cells_unchanged() -> None:
     """Frame 0 is untouched, and cells beyond 3 sigma of the track keep their values exactly."""
     cond = make_condition()
     sigma = 1.5
-    out = apply_ati_conditioning(cond, [track_between((2, 3), (12, 11))], num_frames=NUM_FRAMES, sigma=sigma)
+    out = apply_ati_conditioning(
+        cond, [track_between((2, 3), (12, 11))], num_frames=NUM_FRAMES, sigma=sigma
+    )
     torch.testing.assert_close(out[:, :, 0], cond[:, :, 0], rtol=0, atol=0)
     radius = GAUSSIAN_RADIUS_SIGMAS * sigma
     assert within(changed_cells(out, cond, 1), [(7.0, 7.0)], radius)
@@ -346,7 +348,10 @@ def test_start_feature_is_bilinear() -> None:
     out = apply_ati_conditioning(cond, [[[x0, y0], end]], num_frames=NUM_FRAMES)
     f = cond[0, :, 0]
     expected = (
-        f[:, 3, 2] * 0.75 * 0.5 + f[:, 3, 3] * 0.25 * 0.5 + f[:, 4, 2] * 0.75 * 0.5 + f[:, 4, 3] * 0.25 * 0.5
+        f[:, 3, 2] * 0.75 * 0.5
+        + f[:, 3, 3] * 0.25 * 0.5
+        + f[:, 4, 2] * 0.75 * 0.5
+        + f[:, 4, 3] * 0.25 * 0.5
     )
     torch.testing.assert_close(out[0, :, 2, 10, 10], expected)
 
@@ -355,7 +360,11 @@ def test_invisible_points_are_skipped() -> None:
     """A latent frame where the track is invisible is left as it was."""
     cond = make_condition()
     # 3 points over 9 frames: pixel frame 4 takes the middle point (invisible).
-    track = [[cell_center(2, W), cell_center(2, H), 1], [0.5, 0.5, 0], [cell_center(12, W), cell_center(12, H), 1]]
+    track = [
+        [cell_center(2, W), cell_center(2, H), 1],
+        [0.5, 0.5, 0],
+        [cell_center(12, W), cell_center(12, H), 1],
+    ]
     out = apply_ati_conditioning(cond, [track], num_frames=NUM_FRAMES)
     torch.testing.assert_close(out[:, :, 1], cond[:, :, 1], rtol=0, atol=0)
     torch.testing.assert_close(out[0, :, 2, 12, 12], cond[0, :, 0, 2, 2])
