@@ -44,6 +44,7 @@ from .degradation import (
     DegradationLevel,
     DegradationPolicy,
     LevelChange,
+    LevelListener,
     ModelConstraints,
     Signals,
     adjust_parameters,
@@ -91,9 +92,11 @@ from .recovery import (
     RecoveryEvent,
     RecoveryRegistry,
     RecoveryRun,
+    RunListener,
 )
 from .retry import (
     AttemptEvent,
+    AttemptHook,
     Retrier,
     RetryPolicy,
     retry_call,
@@ -133,6 +136,7 @@ __all__ = [
     "is_retriable",
     # retry
     "AttemptEvent",
+    "AttemptHook",
     "Retrier",
     "RetryPolicy",
     "retry_call",
@@ -165,6 +169,7 @@ __all__ = [
     "DegradationLevel",
     "DegradationPolicy",
     "LevelChange",
+    "LevelListener",
     "ModelConstraints",
     "Signals",
     "adjust_parameters",
@@ -180,6 +185,7 @@ __all__ = [
     "RecoveryEvent",
     "RecoveryRegistry",
     "RecoveryRun",
+    "RunListener",
     # testing
     "FakeClock",
 ]

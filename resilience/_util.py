@@ -15,7 +15,7 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 
 
-def build_policy(cls: type[T], data: Mapping[str, Any] | T | None, path: str) -> T:
+def build_policy(cls: type[T], data: Mapping[str, Any] | object | None, path: str) -> T:
     """Build the frozen dataclass ``cls`` from a mapping (e.g. a pydantic
     ``model_dump()``), naming the offending key on error."""
     if data is None:
@@ -27,7 +27,8 @@ def build_policy(cls: type[T], data: Mapping[str, Any] | T | None, path: str) ->
         if dump is None:
             raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}", key=path)
         data = dump()
-        assert isinstance(data, Mapping)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: model_dump() did not return a mapping", key=path)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
         if key not in names:

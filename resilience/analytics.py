@@ -67,8 +67,7 @@ _HINTS: dict[str, str] = {
     ),
     "model_error": "pipeline errors on {model}{at}: see replica logs; check its source and parameters",
     "bad_output": (
-        "NaN/inf output on {model}{at}: run its VAE in float32/bfloat16 or lower "
-        "guidance_scale"
+        "NaN/inf output on {model}{at}: run its VAE in float32/bfloat16 or lower guidance_scale"
     ),
     "backpressure": (
         "queue full on {model}: add replicas (autoscaling max_replicas) or raise "
@@ -211,6 +210,9 @@ class ErrorAnalytics:
         minute = int(self._clock() // 60)
         if minute == self._cur_minute:
             return self._cur
+        return self._rotate(minute)
+
+    def _rotate(self, minute: int) -> _Bucket:
         if minute < self._cur_minute:
             return self._buckets.get(minute, self._cur)
         b = _Bucket(minute)
@@ -242,11 +244,16 @@ class ErrorAnalytics:
         shape: str | None = None,
     ) -> None:
         """One attempt outcome (``kind`` None = success)."""
-        b = self._bucket()
-        k = kind or _OK
-        self._inc(b.attempts, (model, workflow or _OTHER, k), self._max_keys)
+        minute = int(self._clock() // 60)
+        b = self._cur if minute == self._cur_minute else self._rotate(minute)
+        key = (model, workflow or _OTHER, kind or _OK)
+        counts = b.attempts
+        if key in counts:  # hot path, inlined
+            counts[key] += 1
+        else:
+            self._inc(counts, key, self._max_keys)
         if kind is not None and shape is not None:
-            self._inc(b.shapes, (model, shape, k), self._max_shapes)
+            self._inc(b.shapes, (model, shape, kind), self._max_shapes)
         self.total_attempts += 1
 
     def record_attempts(
@@ -270,7 +277,6 @@ class ErrorAnalytics:
         *,
         model: str | None = None,
         errors: int = 0,
-        latency_s: float | None = None,
     ) -> None:
         """One request's final outcome: ``kind`` None = served (by ``model``);
         ``errors`` = failed attempts it hit on the way (for the recovery rate)."""

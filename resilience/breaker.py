@@ -146,7 +146,9 @@ class BreakerConfig:
         require(self.permit_ttl_s > 0, "permit_ttl_s", "must be > 0")
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None, path: str = "breaker") -> BreakerConfig:
+    def from_mapping(
+        cls, data: Mapping[str, Any] | object | None, path: str = "breaker"
+    ) -> BreakerConfig:
         """Build from a config mapping; errors name ``path.key``."""
         return build_policy(cls, data, path)
 
@@ -419,15 +421,15 @@ class CircuitBreaker:
     def __init__(
         self,
         key: str,
-        config: BreakerConfig | Mapping[str, Any] | None = None,
+        config: BreakerConfig | Mapping[str, Any] | object | None = None,
         *,
         clock: Clock = time.time,
         listeners: Iterable[TransitionListener] = (),
     ) -> None:
         self.key = key
-        self.config = BreakerConfig.from_mapping(config) if not isinstance(
-            config, BreakerConfig
-        ) else config
+        self.config = (
+            BreakerConfig.from_mapping(config) if not isinstance(config, BreakerConfig) else config
+        )
         self._clock = clock
         self._lock = threading.RLock()
         self._listeners: list[TransitionListener] = list(listeners)
@@ -609,7 +611,10 @@ class CircuitBreaker:
             now = self._clock()
             if st is BreakerState.CLOSED:
                 return Permit(self.key, self._generation, 0, False, now)
-            if st is BreakerState.HALF_OPEN and self._probes_granted < self.config.half_open_permits:
+            if (
+                st is BreakerState.HALF_OPEN
+                and self._probes_granted < self.config.half_open_permits
+            ):
                 token = self._next_token
                 self._next_token += 1
                 self._probes[token] = now
@@ -638,7 +643,12 @@ class CircuitBreaker:
         permit: Permit | None = None,
     ) -> None:
         """Record one outcome: ``error`` None = success; an exception or an
-        error kind string otherwise (classified by ``counts_as_failure``)."""
+        error kind string otherwise (classified by ``counts_as_failure``).
+
+        With a ``permit``, the outcome only counts if the permit was granted
+        by the current state (its ``generation``). Without one, it applies to
+        the current state: in CLOSED it enters the window, in HALF_OPEN it is
+        taken as a probe result, in OPEN it is dropped."""
         if error is None:
             self._record(False, False, "success", duration_s, permit)
         elif counts_as_failure(error):
@@ -720,9 +730,7 @@ class CircuitBreaker:
                     self._reason = f"half-open probe slow ({duration_s:.3g}s >= {slow_s:g}s)"
                     self._feed_failure()
                 else:
-                    self._reason = (
-                        f"{self.config.half_open_permits} half-open probe(s) succeeded"
-                    )
+                    self._reason = f"{self.config.half_open_permits} half-open probe(s) succeeded"
                     self._feed_success()
                 return
             self._window.add(failure, slow)
@@ -863,7 +871,7 @@ class CircuitBreaker:
     def from_snapshot(
         cls,
         snap: Mapping[str, Any],
-        config: BreakerConfig | Mapping[str, Any] | None = None,
+        config: BreakerConfig | Mapping[str, Any] | object | None = None,
         *,
         clock: Clock = time.time,
     ) -> CircuitBreaker:
@@ -884,7 +892,7 @@ class BreakerRegistry:
 
     def __init__(
         self,
-        config: BreakerConfig | Mapping[str, Any] | None = None,
+        config: BreakerConfig | Mapping[str, Any] | object | None = None,
         *,
         overrides: Mapping[str, BreakerConfig | Mapping[str, Any]] | None = None,
         keys: Iterable[str] = (),
@@ -962,11 +970,17 @@ class BreakerRegistry:
 
     def status(self) -> dict[str, dict[str, Any]]:
         """``{key: {"state", "since"}}`` as in API.md ``GET /v1/status``."""
-        return {k: {"state": b.state.value, "since": b.since_s} for k, b in list(self._breakers.items())}
+        return {
+            k: {"state": b.state.value, "since": b.since_s} for k, b in list(self._breakers.items())
+        }
 
     def allows(self, key: str) -> bool:
         """Would ``key`` admit a call now?"""
         return self.get(key).allows()
+
+    def retry_after_s(self, key: str) -> float | None:
+        """Seconds until ``key``'s OPEN breaker admits probes (None if not OPEN)."""
+        return self.get(key).retry_after_s()
 
     def try_acquire(self, key: str) -> Permit | None:
         """A permit for ``key``, or None."""
@@ -1097,6 +1111,14 @@ class SnapshotGate:
             return BreakerState.HALF_OPEN
         return st
 
+    def retry_after_s(self, key: str) -> float | None:
+        """Seconds until ``key``'s OPEN breaker admits probes (None if not OPEN)."""
+        snap = self._snaps.get(key)
+        if snap is None or self.state(key) is not BreakerState.OPEN:
+            return None
+        until = snap.get("open_until")
+        return None if until is None else max(0.0, float(until) - self._clock())
+
     def allows(self, key: str) -> bool:
         """False only when ``key`` is OPEN and its wait has not elapsed."""
         return self.state(key) is not BreakerState.OPEN
@@ -1116,7 +1138,9 @@ class SnapshotGate:
         if len(self._pending) >= self._max_pending:
             self._pending.pop(0)
             self.dropped += 1
-        self._pending.append(Outcome.of(permit.key, error, duration_s, permit=permit, at_s=self._clock()))
+        self._pending.append(
+            Outcome.of(permit.key, error, duration_s, permit=permit, at_s=self._clock())
+        )
 
     def drain(self) -> list[Outcome]:
         """Take the queued outcomes."""

@@ -50,6 +50,7 @@ __all__ = [
     "DegradationLevel",
     "DegradationPolicy",
     "LevelChange",
+    "LevelListener",
     "ModelConstraints",
     "Signals",
     "adjust_parameters",
@@ -273,7 +274,7 @@ class DegradationLadder:
     @classmethod
     def from_config(
         cls,
-        rungs: Sequence[Mapping[str, Any] | DegradationLevel],
+        rungs: Sequence[Mapping[str, Any] | DegradationLevel | object],
         path: str = "degradation.levels",
     ) -> DegradationLadder:
         """Build from config: ``rungs`` are levels 1..N (level 0 is implicit)."""
@@ -282,7 +283,10 @@ class DegradationLadder:
             if isinstance(rung, DegradationLevel):
                 built.append(_replace_level(rung, i))
                 continue
-            data = {k: v for k, v in rung.items() if k != "level"}
+            raw = rung.model_dump() if hasattr(rung, "model_dump") else rung
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"{path}[{i - 1}]: expected a mapping", key=f"{path}[{i - 1}]")
+            data = {k: v for k, v in raw.items() if k != "level"}
             built.append(build_policy(DegradationLevel, {**data, "level": i}, f"{path}[{i - 1}]"))
         return cls(built, path=path, index_offset=1)
 
@@ -515,7 +519,7 @@ class DegradationPolicy:
 
     @classmethod
     def from_mapping(
-        cls, data: Mapping[str, Any] | None, path: str = "degradation.controller"
+        cls, data: Mapping[str, Any] | object | None, path: str = "degradation.controller"
     ) -> DegradationPolicy:
         """Build from a config mapping; errors name ``path.key``."""
         return build_policy(cls, data, path)
@@ -577,7 +581,7 @@ class DegradationController:
     def __init__(
         self,
         ladder: DegradationLadder | int,
-        policy: DegradationPolicy | Mapping[str, Any] | None = None,
+        policy: DegradationPolicy | Mapping[str, Any] | object | None = None,
         *,
         clock: Clock = time.time,
         listeners: Iterable[LevelListener] = (),
@@ -585,7 +589,9 @@ class DegradationController:
         self.max_level = ladder if isinstance(ladder, int) else ladder.max_level
         self.ladder = None if isinstance(ladder, int) else ladder
         self.policy = (
-            policy if isinstance(policy, DegradationPolicy) else DegradationPolicy.from_mapping(policy)
+            policy
+            if isinstance(policy, DegradationPolicy)
+            else DegradationPolicy.from_mapping(policy)
         )
         self._clock = clock
         self._listeners: list[LevelListener] = list(listeners)
@@ -687,7 +693,9 @@ class DegradationController:
         p95 = quantile_from_bins(self._lat.totals(), 0.95)
         if samples == 0:
             return Signals(0, 0.0, 0.0, 0.0, p95, len(self._open))
-        return Signals(samples, errors / samples, ooms / samples, bp / samples, p95, len(self._open))
+        return Signals(
+            samples, errors / samples, ooms / samples, bp / samples, p95, len(self._open)
+        )
 
     # ------------------------------------------------------------- decision
     def evaluate(self, signals: Signals | None = None) -> int:

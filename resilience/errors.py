@@ -469,8 +469,6 @@ def as_genguard_error(
     elif isinstance(exc, asyncio.CancelledError):
         err = Cancelled(str(exc) or "", model=model, attempt=attempt)
     else:
-        err = InternalError(
-            f"{type(exc).__name__}: {exc}", model=model, attempt=attempt
-        )
+        err = InternalError(f"{type(exc).__name__}: {exc}", model=model, attempt=attempt)
     err.__cause__ = exc
     return err

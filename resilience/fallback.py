@@ -205,7 +205,7 @@ class RetryBudgetPolicy:
 
     @classmethod
     def from_mapping(
-        cls, data: Mapping[str, Any] | None, path: str = "retry_budget"
+        cls, data: Mapping[str, Any] | object | None, path: str = "retry_budget"
     ) -> RetryBudgetPolicy:
         """Build from a config mapping; errors name ``path.key``."""
         return build_policy(cls, data, path)
@@ -252,7 +252,12 @@ class RetryBudget:
     def stats(self) -> dict[str, int]:
         """``{"requests", "retries", "denied", "remaining"}`` in the window."""
         req, retries, denied = self._rc.totals()
-        return {"requests": req, "retries": retries, "denied": denied, "remaining": self.remaining()}
+        return {
+            "requests": req,
+            "retries": retries,
+            "denied": denied,
+            "remaining": self.remaining(),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +383,12 @@ class FallbackExecutor:
             if req.calls >= req.max_total:
                 break
             if self.gate is not None and not self.gate.allows(step):
-                skip = CircuitOpen(f"breaker for {step} does not admit calls", model=step)
+                hint = getattr(self.gate, "retry_after_s", None)
+                skip = CircuitOpen(
+                    f"breaker for {step} does not admit calls",
+                    model=step,
+                    retry_after_s=hint(step) if callable(hint) else None,
+                )
                 req.errors.append(skip)
                 note(AttemptRecord(step, skip.kind, skip.message, 0.0, 0, called=False))
                 continue
@@ -517,10 +527,14 @@ class FallbackExecutor:
             permit: Permit | None = current["permit"]
             err = ev.error
             if gate is not None and permit is not None:
-                gate.complete(permit, err, ev.elapsed_s)
+                # A permit whose call never started is handed back (not a failure).
+                outcome = err if current["called"] else Cancelled("call not started")
+                gate.complete(permit, outcome, ev.elapsed_s)
             if not current["called"]:
                 if isinstance(err, GenGuardError) and not isinstance(err, DeadlineExceeded):
-                    note(AttemptRecord(step, err.kind, err.message, 0.0, ev.attempt + offset, False))
+                    note(
+                        AttemptRecord(step, err.kind, err.message, 0.0, ev.attempt + offset, False)
+                    )
                 return
             if err is None:
                 note(AttemptRecord(step, None, "", ev.elapsed_s, ev.attempt + offset))

@@ -34,6 +34,7 @@ from .errors import DeadlineExceeded, ModelTimeout, is_retriable
 
 __all__ = [
     "AttemptEvent",
+    "AttemptHook",
     "Retrier",
     "RetryPolicy",
     "retry_call",
@@ -112,7 +113,9 @@ class RetryPolicy:
         require(self.expected_attempt_s >= 0, "expected_attempt_s", "must be >= 0")
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None, path: str = "retry") -> RetryPolicy:
+    def from_mapping(
+        cls, data: Mapping[str, Any] | object | None, path: str = "retry"
+    ) -> RetryPolicy:
         """Build from a config mapping; errors name ``path.key``."""
         return build_policy(cls, data, path)
 

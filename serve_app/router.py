@@ -6,8 +6,6 @@ calls the model deployments. Response bodies are raw PNG / MP4 bytes; every
 response carries ``X-Request-Id``; errors are JSON (see API.md).
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import logging
@@ -43,8 +41,12 @@ log = logging.getLogger("genguard.router")
 class _BodyLimit:
     """413 for bodies over the configured limit (Content-Length or streamed)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    # Set from config by the Router's constructor (one router per process);
+    # the middleware itself is installed at import time, before the app starts.
+    limit = 32 * 1024 * 1024
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,11 +92,16 @@ async def _null_receive() -> Message:
 
 
 def _request_id_of(scope: Scope) -> str:
+    """The request id: Serve's (it honours an incoming X-Request-Id and echoes
+    it on the response), else the client's header, else a new uuid."""
     state = scope.setdefault("state", {})
     rid = state.get("request_id")
     if rid is None:
-        given = dict(scope.get("headers") or []).get(b"x-request-id")
-        rid = given.decode("latin-1")[:128] if given else uuid.uuid4().hex
+        ctx = serve.context._get_serve_request_context()
+        rid = getattr(ctx, "request_id", "") or ""
+        if not rid:
+            given = dict(scope.get("headers") or []).get(b"x-request-id")
+            rid = given.decode("latin-1")[:128] if given else uuid.uuid4().hex
         state["request_id"] = rid
     return str(rid)
 
@@ -112,14 +119,14 @@ def _error_response(
         "request_id": request_id,
         "attempts": attempts or [],
     }
-    return JSONResponse(body, status_code=status, headers={"X-Request-Id": request_id, **(headers or {})})
+    # X-Request-Id itself is added to every response by Serve's proxy.
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_response(violations: list[Violation], request_id: str) -> JSONResponse:
     return JSONResponse(
         {"detail": [v.as_detail() for v in violations]},
         status_code=422,
-        headers={"X-Request-Id": request_id},
     )
 
 
@@ -153,10 +160,12 @@ if SWAGGER_DIR is not None:
 
 @app.middleware("http")
 async def _request_id_mw(request: Request, call_next: Any) -> Response:
-    rid = _request_id_of(request.scope)
+    _request_id_of(request.scope)  # Serve's proxy echoes it as X-Request-Id
     response: Response = await call_next(request)
-    response.headers.setdefault("X-Request-Id", rid)
     return response
+
+
+app.add_middleware(_BodyLimit)
 
 
 @app.exception_handler(RequestValidationError)
@@ -169,9 +178,8 @@ async def _on_validation(request: Request, exc: RequestValidationError) -> JSONR
         elif item["type"] == "extra_forbidden":
             item["msg"] = f"unknown field {item['loc'][-1]!r}"
         detail.append(item)
-    return JSONResponse(
-        {"detail": detail}, status_code=422, headers={"X-Request-Id": _request_id_of(request.scope)}
-    )
+    _request_id_of(request.scope)
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -193,6 +201,7 @@ async def _docs() -> HTMLResponse:
     )
 
 
+
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class Router:
@@ -209,7 +218,7 @@ class Router:
         self.image_engine = Engine("image", self.cfg, self.handles, self.health)
         self.video_engine = Engine("video", self.cfg, self.handles, self.health)
         self.started_at = time.time()
-        install_body_limit(self.cfg.max_body_bytes)
+        _BodyLimit.limit = self.cfg.max_body_bytes
 
     async def _ensure_started(self) -> None:
         self.health.start()
@@ -263,7 +272,6 @@ class Router:
             headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
             return _error_response(exc.status, exc.kind, str(exc), rid, exc.attempts, headers)
         headers = {
-            "X-Request-Id": rid,
             "X-Model": result.model,
             "X-Attempts": str(result.attempts),
             "X-Fallback-Depth": str(result.fallback_depth),
@@ -439,8 +447,3 @@ class Router:
             "incidents": {"open": [], "recent": []},
         }
 
-
-def install_body_limit(limit: int) -> None:
-    """Wrap the FastAPI app's ASGI stack with the body-size limit."""
-    if not any(getattr(m, "cls", None) is _BodyLimit for m in app.user_middleware):
-        app.add_middleware(_BodyLimit, limit=limit)

@@ -35,10 +35,14 @@ pytestmark = pytest.mark.unit
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
 # Consecutive-failure rule only: the window never trips.
-CONSECUTIVE = BreakerConfig(fail_max=3, minimum_calls=100, window_size_calls=100, wait_in_open_s=10.0)
+CONSECUTIVE = BreakerConfig(
+    fail_max=3, minimum_calls=100, window_size_calls=100, wait_in_open_s=10.0
+)
 
 
-def make(cfg: BreakerConfig = CONSECUTIVE, clock: FakeClock | None = None) -> tuple[CircuitBreaker, FakeClock, list[BreakerTransition]]:
+def make(
+    cfg: BreakerConfig = CONSECUTIVE, clock: FakeClock | None = None
+) -> tuple[CircuitBreaker, FakeClock, list[BreakerTransition]]:
     clock = clock or FakeClock()
     events: list[BreakerTransition] = []
     breaker = CircuitBreaker("wan-t2v", cfg, clock=clock, listeners=[events.append])
@@ -102,7 +106,9 @@ async def test_awaited_success_returns_value() -> None:
 
 async def test_cancelled_call_releases_probe_permit() -> None:
     """Cancelling a wrapped HALF_OPEN call releases its permit and leaves the state alone."""
-    b, _, _ = make(BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1, half_open_permits=1))
+    b, _, _ = make(
+        BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1, half_open_permits=1)
+    )
     b.record_failure(ModelError())
     b.half_open()
 
@@ -120,7 +126,9 @@ async def test_cancelled_call_releases_probe_permit() -> None:
 
 def test_failure_rate_count_window() -> None:
     """In a count window the failure rate trips at the threshold once minimum_calls are in."""
-    cfg = BreakerConfig(fail_max=None, window_size_calls=10, minimum_calls=10, failure_rate_threshold=0.5)
+    cfg = BreakerConfig(
+        fail_max=None, window_size_calls=10, minimum_calls=10, failure_rate_threshold=0.5
+    )
     b, _, events = make(cfg)
     for i in range(9):
         (b.record_failure if i % 2 == 0 else b.record_success)()
@@ -132,7 +140,9 @@ def test_failure_rate_count_window() -> None:
 
 def test_count_window_slides() -> None:
     """Old outcomes leave the count window, so early failures stop counting."""
-    cfg = BreakerConfig(fail_max=None, window_size_calls=4, minimum_calls=4, failure_rate_threshold=0.75)
+    cfg = BreakerConfig(
+        fail_max=None, window_size_calls=4, minimum_calls=4, failure_rate_threshold=0.75
+    )
     b, _, _ = make(cfg)
     b.record_failure()
     b.record_failure()
@@ -145,7 +155,13 @@ def test_count_window_slides() -> None:
 
 def test_time_window_forgets_old_failures() -> None:
     """In a time window, failures older than window_s no longer count."""
-    cfg = BreakerConfig(fail_max=None, sliding_window="time", window_s=60.0, minimum_calls=4, failure_rate_threshold=0.5)
+    cfg = BreakerConfig(
+        fail_max=None,
+        sliding_window="time",
+        window_s=60.0,
+        minimum_calls=4,
+        failure_rate_threshold=0.5,
+    )
     b, clock, _ = make(cfg)
     for _ in range(3):
         b.record_failure()
@@ -158,7 +174,13 @@ def test_time_window_forgets_old_failures() -> None:
 
 def test_time_window_trips() -> None:
     """In a time window, enough failures within window_s open the breaker."""
-    cfg = BreakerConfig(fail_max=None, sliding_window="time", window_s=60.0, minimum_calls=4, failure_rate_threshold=0.5)
+    cfg = BreakerConfig(
+        fail_max=None,
+        sliding_window="time",
+        window_s=60.0,
+        minimum_calls=4,
+        failure_rate_threshold=0.5,
+    )
     b, clock, _ = make(cfg)
     for _ in range(2):
         b.record_success()
@@ -170,7 +192,13 @@ def test_time_window_trips() -> None:
 
 def test_slow_calls_open() -> None:
     """Slow successes at the slow-call rate threshold open the breaker."""
-    cfg = BreakerConfig(fail_max=None, window_size_calls=4, minimum_calls=4, slow_call_duration_s=1.0, slow_call_rate_threshold=0.5)
+    cfg = BreakerConfig(
+        fail_max=None,
+        window_size_calls=4,
+        minimum_calls=4,
+        slow_call_duration_s=1.0,
+        slow_call_rate_threshold=0.5,
+    )
     b, _, events = make(cfg)
     b.record_success(0.1)
     b.record_success(2.0)
@@ -196,7 +224,9 @@ def test_open_to_half_open_after_wait() -> None:
 
 def test_half_open_limits_permits_and_closes() -> None:
     """HALF_OPEN grants half_open_permits probes; that many successes close it."""
-    cfg = BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1, wait_in_open_s=5.0, half_open_permits=2)
+    cfg = BreakerConfig(
+        fail_max=1, minimum_calls=1, window_size_calls=1, wait_in_open_s=5.0, half_open_permits=2
+    )
     b, clock, events = make(cfg)
     b.record_failure()
     clock.advance(5)
@@ -234,7 +264,9 @@ def test_half_open_slow_probe_reopens() -> None:
     assert b.state is OPEN
 
 
-@pytest.mark.parametrize("err", [InvalidRequest(), Backpressure(), Cancelled(), CircuitOpen(), asyncio.CancelledError()])
+@pytest.mark.parametrize(
+    "err", [InvalidRequest(), Backpressure(), Cancelled(), CircuitOpen(), asyncio.CancelledError()]
+)
 def test_non_failures_never_move(err: BaseException) -> None:
     """Errors with counts_as_failure False never change state or counters, in any state."""
     b, clock, events = make(BreakerConfig(fail_max=2, minimum_calls=2, window_size_calls=2))
@@ -275,7 +307,9 @@ def test_stale_permit_does_not_move() -> None:
 
 def test_leaked_probe_permit_expires() -> None:
     """A probe permit never reported expires after permit_ttl_s, freeing the slot."""
-    cfg = BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1, permit_ttl_s=30.0, wait_in_open_s=1.0)
+    cfg = BreakerConfig(
+        fail_max=1, minimum_calls=1, window_size_calls=1, permit_ttl_s=30.0, wait_in_open_s=1.0
+    )
     b, clock, _ = make(cfg)
     b.record_failure()
     clock.advance(1)
@@ -322,7 +356,13 @@ def test_force_and_reset() -> None:
 
 def test_snapshot_is_json_and_restores() -> None:
     """A snapshot survives JSON and a new breaker restored from it has the same state, timers and window."""
-    cfg = BreakerConfig(fail_max=None, window_size_calls=10, minimum_calls=10, wait_in_open_s=30.0, half_open_permits=2)
+    cfg = BreakerConfig(
+        fail_max=None,
+        window_size_calls=10,
+        minimum_calls=10,
+        wait_in_open_s=30.0,
+        half_open_permits=2,
+    )
     b, clock, _ = make(cfg)
     for _ in range(4):
         b.record_failure()
@@ -340,7 +380,11 @@ def test_snapshot_is_json_and_restores() -> None:
 
     d = CircuitBreaker("wan-t2v", cfg, clock=clock)
     d.restore(half_snap)
-    assert d.state is CLOSED and d.metrics()["window_calls"] == 5 and d.metrics()["failure_rate"] == 0.8
+    assert (
+        d.state is CLOSED
+        and d.metrics()["window_calls"] == 5
+        and d.metrics()["failure_rate"] == 0.8
+    )
 
 
 def test_snapshot_keeps_outstanding_probes() -> None:
@@ -370,7 +414,9 @@ def test_config_validation_names_key() -> None:
 def test_registry_per_key_and_overrides() -> None:
     """The registry makes one breaker per key, with per-key overrides."""
     clock = FakeClock()
-    reg = BreakerRegistry({"fail_max": 2, "minimum_calls": 50}, overrides={"qwen-image": {"fail_max": 1}}, clock=clock)
+    reg = BreakerRegistry(
+        {"fail_max": 2, "minimum_calls": 50}, overrides={"qwen-image": {"fail_max": 1}}, clock=clock
+    )
     reg.record_failure("wan-t2v", ModelError())
     reg.record_failure("qwen-image", ModelError())
     assert reg.states() == {"wan-t2v": "closed", "qwen-image": "open"}
@@ -379,7 +425,9 @@ def test_registry_per_key_and_overrides() -> None:
 
 def test_registry_listeners_see_all_keys() -> None:
     """Registry listeners receive transitions of breakers created later."""
-    reg = BreakerRegistry(BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1), clock=FakeClock())
+    reg = BreakerRegistry(
+        BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1), clock=FakeClock()
+    )
     events: list[BreakerTransition] = []
     reg.add_listener(events.append)
     reg.record_failure("a")
@@ -404,7 +452,9 @@ def test_registry_batch_outcomes() -> None:
 def test_registry_snapshot_round_trip() -> None:
     """A registry snapshot restored into a fresh registry reproduces every state."""
     clock = FakeClock()
-    reg = BreakerRegistry(BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1), clock=clock)
+    reg = BreakerRegistry(
+        BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1), clock=clock
+    )
     reg.record_failure("a")
     reg.record_success("b")
     other = BreakerRegistry(reg.config, clock=clock)
@@ -416,7 +466,10 @@ def test_registry_snapshot_round_trip() -> None:
 async def test_snapshot_gate_router_view() -> None:
     """The router gate admits CLOSED locally, skips OPEN, asks the supervisor in HALF_OPEN."""
     clock = FakeClock()
-    reg = BreakerRegistry(BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1, wait_in_open_s=10), clock=clock)
+    reg = BreakerRegistry(
+        BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1, wait_in_open_s=10),
+        clock=clock,
+    )
     reg.record_failure("a")
     reg.record_success("b")
     asked: list[str] = []
@@ -430,6 +483,7 @@ async def test_snapshot_gate_router_view() -> None:
     permit_b = await gate.acquire("b")
     assert permit_b is not None and not permit_b.probe
     assert await gate.acquire("a") is None and not gate.allows("a") and asked == []
+    assert gate.retry_after_s("a") == pytest.approx(10.0) and gate.retry_after_s("b") is None
     clock.advance(10)
     assert gate.state("a") is HALF_OPEN
     probe_permit = await gate.acquire("a")
@@ -448,7 +502,14 @@ async def test_snapshot_gate_unknown_key_is_closed() -> None:
 
 
 # --------------------------------------------------------------- state machine
-NON_FAILURES = [InvalidRequest(), Backpressure(), Cancelled(), CircuitOpen(), "backpressure", "cancelled"]
+NON_FAILURES = [
+    InvalidRequest(),
+    Backpressure(),
+    Cancelled(),
+    CircuitOpen(),
+    "backpressure",
+    "cancelled",
+]
 
 
 class BreakerMachine(RuleBasedStateMachine):
@@ -544,5 +605,8 @@ class BreakerMachine(RuleBasedStateMachine):
 
 TestBreakerMachine = BreakerMachine.TestCase
 TestBreakerMachine.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )

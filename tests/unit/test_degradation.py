@@ -31,15 +31,30 @@ pytestmark = pytest.mark.unit
 RUNGS = [
     {"step_factor": 0.75, "min_steps": 10},
     {"step_factor": 0.5, "min_steps": 8, "max_side_px": 768, "max_frames": 49},
-    {"step_factor": 0.25, "min_steps": 4, "max_side_px": 512, "max_frames": 33, "max_guidance_scale": 1.0},
+    {
+        "step_factor": 0.25,
+        "min_steps": 4,
+        "max_side_px": 512,
+        "max_frames": 33,
+        "max_guidance_scale": 1.0,
+    },
 ]
 LADDER = DegradationLadder.from_config(RUNGS)
-WAN = ModelConstraints(multiple_of=16, max_side_px=1280, max_steps=100, frames="4k+1", min_frames=5, max_frames=81)
+WAN = ModelConstraints(
+    multiple_of=16, max_side_px=1280, max_steps=100, frames="4k+1", min_frames=5, max_frames=81
+)
 QWEN = ModelConstraints(multiple_of=16, max_side_px=2048, max_steps=100)
 
 
 def params(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"width": 1024, "height": 1024, "num_inference_steps": 30, "num_frames": None, "guidance_scale": None, "prompt": "a cat"}
+    base: dict[str, Any] = {
+        "width": 1024,
+        "height": 1024,
+        "num_inference_steps": 30,
+        "num_frames": None,
+        "guidance_scale": None,
+        "prompt": "a cat",
+    }
     base.update(kw)
     return base
 
@@ -110,13 +125,17 @@ def test_frames_capped_to_4k_plus_1() -> None:
     new, changes = LADDER.adjust(params(num_frames=81, width=832, height=480), 2, WAN)
     assert new["num_frames"] == 49
     custom = DegradationLadder.from_config([{"max_frames": 50}])
-    assert custom.adjust(params(num_frames=81, width=832, height=480), 1, WAN)[0]["num_frames"] == 49
+    assert (
+        custom.adjust(params(num_frames=81, width=832, height=480), 1, WAN)[0]["num_frames"] == 49
+    )
     assert {"param": "num_frames", "from": 81, "to": 49, "reason": "degradation level 2"} in changes
 
 
 def test_constraint_fit_without_level() -> None:
     """With no level, only constraint fixes happen, each with its rule as the reason."""
-    new, changes = adjust_parameters(params(width=518, height=530, num_inference_steps=150), None, QWEN)
+    new, changes = adjust_parameters(
+        params(width=518, height=530, num_inference_steps=150), None, QWEN
+    )
     assert (new["width"], new["height"], new["num_inference_steps"]) == (512, 528, 100)
     assert [c["reason"] for c in changes] == [
         "model constraint: multiple of 16",
@@ -137,7 +156,12 @@ def test_guidance_capped() -> None:
     """Level 3 caps guidance_scale at 1.0; None guidance is left alone."""
     new, changes = LADDER.adjust(params(guidance_scale=4.5), 3, QWEN)
     assert new["guidance_scale"] == 1.0
-    assert {"param": "guidance_scale", "from": 4.5, "to": 1.0, "reason": "degradation level 3"} in changes
+    assert {
+        "param": "guidance_scale",
+        "from": 4.5,
+        "to": 1.0,
+        "reason": "degradation level 3",
+    } in changes
     assert LADDER.adjust(params(), 3, QWEN)[0]["guidance_scale"] is None
 
 
@@ -149,7 +173,13 @@ def test_frames_raised_to_minimum() -> None:
 
 def test_pixel_frame_budget() -> None:
     """width*height*frames is brought within max_pixel_frames."""
-    c = ModelConstraints(multiple_of=16, max_side_px=1280, frames="4k+1", max_frames=129, max_pixel_frames=832 * 480 * 33)
+    c = ModelConstraints(
+        multiple_of=16,
+        max_side_px=1280,
+        frames="4k+1",
+        max_frames=129,
+        max_pixel_frames=832 * 480 * 33,
+    )
     new, _ = adjust_parameters(params(width=832, height=480, num_frames=81), None, c)
     assert new["width"] * new["height"] * new["num_frames"] <= c.max_pixel_frames  # type: ignore[operator]
     assert new["width"] % 16 == 0 and (new["num_frames"] - 1) % 4 == 0
@@ -158,8 +188,14 @@ def test_pixel_frame_budget() -> None:
 def test_constraints_coerced_from_nested_config() -> None:
     """A mapping with a nested frames object (serve_app's layout) is understood."""
     c = ModelConstraints.coerce(
-        {"multiple_of": 16, "min_side_px": 16, "max_side_px": 1280, "max_steps": 50,
-         "frames": {"form": "4k+1", "min_frames": 1, "max_frames": 81}, "max_pixel_frames": 10**9}
+        {
+            "multiple_of": 16,
+            "min_side_px": 16,
+            "max_side_px": 1280,
+            "max_steps": 50,
+            "frames": {"form": "4k+1", "min_frames": 1, "max_frames": 81},
+            "max_pixel_frames": 10**9,
+        }
     )
     assert (c.frames, c.max_frames, c.max_steps) == ("4k+1", 81, 50)
     assert ModelConstraints.coerce({"frames": {"form": "any", "max_frames": 10}}).frames is None
@@ -190,8 +226,13 @@ def constraints(draw: st.DrawFn) -> ModelConstraints:
     if budget is not None:
         budget = max(budget, lo * lo * (min_f + 4))
     return ModelConstraints(
-        multiple_of=m, max_side_px=max_side, max_steps=draw(st.one_of(st.none(), st.integers(1, 200))),
-        frames=form, min_frames=min_f, max_frames=max_f, max_pixel_frames=budget,
+        multiple_of=m,
+        max_side_px=max_side,
+        max_steps=draw(st.one_of(st.none(), st.integers(1, 200))),
+        frames=form,
+        min_frames=min_f,
+        max_frames=max_f,
+        max_pixel_frames=budget,
     )
 
 
@@ -206,10 +247,18 @@ def constraints(draw: st.DrawFn) -> ModelConstraints:
     level=st.integers(min_value=-1, max_value=3),
 )
 def test_adjusted_params_always_within_constraints(
-    c: ModelConstraints, w: int, h: int, steps: int, frames: int | None, guidance: float | None, level: int
+    c: ModelConstraints,
+    w: int,
+    h: int,
+    steps: int,
+    frames: int | None,
+    guidance: float | None,
+    level: int,
 ) -> None:
     """Whatever the input and level, the output satisfies every constraint and lists each change once."""
-    p = params(width=w, height=h, num_inference_steps=steps, num_frames=frames, guidance_scale=guidance)
+    p = params(
+        width=w, height=h, num_inference_steps=steps, num_frames=frames, guidance_scale=guidance
+    )
     new, changes = adjust_parameters(p, None if level < 0 else LADDER[level], c)
     lo, hi = c.side_bounds()
     for side in (new["width"], new["height"]):
@@ -225,20 +274,32 @@ def test_adjusted_params_always_within_constraints(
         assert new["width"] * new["height"] * (new["num_frames"] or 1) <= c.max_pixel_frames
     if level > 0 and steps >= 1:
         assert new["num_inference_steps"] <= steps
-    changed = [k for k in ("width", "height", "num_inference_steps", "num_frames", "guidance_scale") if new[k] != p[k]]
+    changed = [
+        k
+        for k in ("width", "height", "num_inference_steps", "num_frames", "guidance_scale")
+        if new[k] != p[k]
+    ]
     assert [ch["param"] for ch in changes] == changed
     assert all(ch["from"] == p[ch["param"]] and ch["to"] == new[ch["param"]] for ch in changes)
 
 
 # ------------------------------------------------------------- controller
 POLICY = DegradationPolicy(
-    window_s=60, min_samples=10, error_rate_threshold=0.2, oom_rate_threshold=0.05,
-    backpressure_rate_threshold=0.1, latency_slo_s=10.0, hysteresis_ratio=0.5,
-    raise_interval_s=10.0, healthy_period_s=60.0,
+    window_s=60,
+    min_samples=10,
+    error_rate_threshold=0.2,
+    oom_rate_threshold=0.05,
+    backpressure_rate_threshold=0.1,
+    latency_slo_s=10.0,
+    hysteresis_ratio=0.5,
+    raise_interval_s=10.0,
+    healthy_period_s=60.0,
 )
 
 
-def controller(clock: FakeClock, policy: DegradationPolicy = POLICY) -> tuple[DegradationController, list[LevelChange]]:
+def controller(
+    clock: FakeClock, policy: DegradationPolicy = POLICY
+) -> tuple[DegradationController, list[LevelChange]]:
     changes: list[LevelChange] = []
     return DegradationController(LADDER, policy, clock=clock, listeners=[changes.append]), changes
 
@@ -255,7 +316,10 @@ def test_error_rate_raises_one_step() -> None:
     feed(c, 8, None)
     feed(c, 2, "replica_failure")
     assert c.evaluate() == 1
-    assert changes[0].reason == "error rate 20% >= 20%" and (changes[0].from_level, changes[0].to_level) == (0, 1)
+    assert changes[0].reason == "error rate 20% >= 20%" and (
+        changes[0].from_level,
+        changes[0].to_level,
+    ) == (0, 1)
 
 
 def test_too_few_samples_do_not_raise() -> None:
@@ -363,7 +427,9 @@ def test_breaker_open_raises_and_blocks_lowering() -> None:
     """A breaker opening raises once; while it stays open the level is held; after close it lowers."""
     clock = FakeClock()
     c, changes = controller(clock)
-    c.breaker_transition(BreakerTransition("wan-t2v", BreakerState.CLOSED, BreakerState.OPEN, clock(), "x"))
+    c.breaker_transition(
+        BreakerTransition("wan-t2v", BreakerState.CLOSED, BreakerState.OPEN, clock(), "x")
+    )
     assert c.evaluate() == 1 and "breaker opened: wan-t2v" in changes[0].reason
     for _ in range(300):
         clock.advance(1)
@@ -414,17 +480,37 @@ class ControllerMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = FakeClock()
         self.policy = DegradationPolicy(
-            window_s=30, min_samples=5, raise_interval_s=5.0, healthy_period_s=20.0, latency_slo_s=5.0
+            window_s=30,
+            min_samples=5,
+            raise_interval_s=5.0,
+            healthy_period_s=20.0,
+            latency_slo_s=5.0,
         )
         self.changes: list[LevelChange] = []
-        self.c = DegradationController(LADDER, self.policy, clock=self.clock, listeners=[self.changes.append])
+        self.c = DegradationController(
+            LADDER, self.policy, clock=self.clock, listeners=[self.changes.append]
+        )
 
     @rule(dt=st.floats(min_value=0.0, max_value=8.0))
     def advance(self, dt: float) -> None:
         self.clock.advance(dt)
 
-    @rule(kind=st.sampled_from([None, None, None, "model_error", "out_of_memory", "backpressure", "timeout", "cancelled"]),
-          latency=st.floats(min_value=0.01, max_value=20.0), n=st.integers(1, 10))
+    @rule(
+        kind=st.sampled_from(
+            [
+                None,
+                None,
+                None,
+                "model_error",
+                "out_of_memory",
+                "backpressure",
+                "timeout",
+                "cancelled",
+            ]
+        ),
+        latency=st.floats(min_value=0.01, max_value=20.0),
+        n=st.integers(1, 10),
+    )
     def record(self, kind: str | None, latency: float, n: int) -> None:
         feed(self.c, n, kind, latency)
 
@@ -465,5 +551,8 @@ class ControllerMachine(RuleBasedStateMachine):
 
 TestControllerMachine = ControllerMachine.TestCase
 TestControllerMachine.settings = settings(
-    max_examples=60, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=60,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )

@@ -106,7 +106,14 @@ def test_pickle_round_trip(cls: type[GenGuardError]) -> None:
     err = _sample(cls)
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is cls
-    assert (back.message, back.model, back.attempt, back.detail, back.attempts, back.retry_after_s) == (
+    assert (
+        back.message,
+        back.model,
+        back.attempt,
+        back.detail,
+        back.attempts,
+        back.retry_after_s,
+    ) == (
         "boom",
         "wan-t2v",
         2,

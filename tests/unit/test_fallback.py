@@ -42,7 +42,12 @@ FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, jitter=0.0)
 class Script:
     """A fake model call: per-step queues of errors; a step with an empty queue succeeds."""
 
-    def __init__(self, plan: dict[str, list[BaseException]] | None = None, clock: FakeClock | None = None, cost_s: float = 0.0):
+    def __init__(
+        self,
+        plan: dict[str, list[BaseException]] | None = None,
+        clock: FakeClock | None = None,
+        cost_s: float = 0.0,
+    ):
         self.plan = {k: list(v) for k, v in (plan or {}).items()}
         self.calls: list[tuple[str, int]] = []
         self.params: list[Any] = []
@@ -56,7 +61,11 @@ class Script:
             self.clock.advance(self.cost_s)
         queue = self.plan.get(step, [])
         if queue:
-            raise queue.pop(0) if len(queue) > 1 or not isinstance(queue[0], _Always) else queue[0].err
+            raise (
+                queue.pop(0)
+                if len(queue) > 1 or not isinstance(queue[0], _Always)
+                else queue[0].err
+            )
         return f"image from {step}"
 
 
@@ -78,7 +87,9 @@ def executor(clock: FakeClock, **kw: Any) -> FallbackExecutor:
 # ---------------------------------------------------------------- validation
 def test_build_chains_flattens_references() -> None:
     """A chain naming another chain splices its steps in place."""
-    chains = build_chains({"video": ["hunyuan-video", "video-fallback"], "video-fallback": ["wan-t2v"]}, MODELS)
+    chains = build_chains(
+        {"video": ["hunyuan-video", "video-fallback"], "video-fallback": ["wan-t2v"]}, MODELS
+    )
     assert chains["video"].steps == ("hunyuan-video", "wan-t2v")
     assert chains["video"].primary == "hunyuan-video"
 
@@ -93,14 +104,20 @@ def test_build_chains_accepts_step_objects() -> None:
     ("chains", "key", "words"),
     [
         ({"t2i": ["qwen-image", "flux"]}, "workflows.t2i[1]", "unknown step 'flux'"),
-        ({"t2i": ["qwen-image", "qwen-image"]}, "workflows.t2i[1]", "'qwen-image' already in chain"),
+        (
+            {"t2i": ["qwen-image", "qwen-image"]},
+            "workflows.t2i[1]",
+            "'qwen-image' already in chain",
+        ),
         ({"t2i": []}, "workflows.t2i", "empty fallback chain"),
         ({"a": ["qwen-image", "b"], "b": ["wan-t2v", "a"]}, "workflows.a", "cycle a -> b -> a"),
         ({"a": ["qwen-image", "b"], "b": ["qwen-image"]}, "workflows.a[1]", "via chain 'b'"),
         ({"wan-t2v": ["qwen-image"]}, "workflows.wan-t2v", "both a step and a chain"),
     ],
 )
-def test_build_chains_errors_name_the_key(chains: dict[str, list[str]], key: str, words: str) -> None:
+def test_build_chains_errors_name_the_key(
+    chains: dict[str, list[str]], key: str, words: str
+) -> None:
     """Unknown, duplicate, empty, cyclic and ambiguous chains fail naming the key."""
     with pytest.raises(ConfigError) as info:
         build_chains(chains, MODELS)
@@ -127,7 +144,12 @@ async def test_primary_serves() -> None:
     clock = FakeClock()
     call = Script()
     result = await executor(clock).execute(["qwen-image", "newbie-image"], call, {"w": 1})
-    assert (result.value, result.model, result.fallback_depth, result.calls) == ("image from qwen-image", "qwen-image", 0, 1)
+    assert (result.value, result.model, result.fallback_depth, result.calls) == (
+        "image from qwen-image",
+        "qwen-image",
+        0,
+        1,
+    )
     assert result.headers() == {"X-Model": "qwen-image", "X-Attempts": "1", "X-Fallback-Depth": "0"}
 
 
@@ -136,7 +158,12 @@ async def test_retries_then_falls_back() -> None:
     clock = FakeClock()
     call = Script({"qwen-image": always(ReplicaFailure("died"))})
     result = await executor(clock).execute(["qwen-image", "newbie-image"], call, None)
-    assert call.calls == [("qwen-image", 1), ("qwen-image", 2), ("qwen-image", 3), ("newbie-image", 1)]
+    assert call.calls == [
+        ("qwen-image", 1),
+        ("qwen-image", 2),
+        ("qwen-image", 3),
+        ("newbie-image", 1),
+    ]
     assert result.fallback_depth == 1
     assert [(a.model, a.kind, a.attempt) for a in result.attempts] == [
         ("qwen-image", "replica_failure", 1),
@@ -150,11 +177,15 @@ async def test_retries_then_falls_back() -> None:
 async def test_open_step_skipped_for_free() -> None:
     """An OPEN primary is skipped without a call and without spending retry budget."""
     clock = FakeClock()
-    reg = BreakerRegistry(BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1), clock=clock)
+    reg = BreakerRegistry(
+        BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1), clock=clock
+    )
     reg.get("qwen-image").force_open("test")
     budget = RetryBudget(RetryBudgetPolicy(min_retries=0, max_retry_ratio=0.0), clock=clock)
     call = Script()
-    result = await executor(clock, gate=reg, budget=budget).execute(["qwen-image", "newbie-image"], call, None)
+    result = await executor(clock, gate=reg, budget=budget).execute(
+        ["qwen-image", "newbie-image"], call, None
+    )
     assert call.calls == [("newbie-image", 1)]
     assert result.skipped == ("qwen-image",) and result.calls == 1
     assert budget.stats()["retries"] == 0 and budget.stats()["denied"] == 0
@@ -167,7 +198,12 @@ async def test_max_total_attempts_bounds_whole_chain() -> None:
     with pytest.raises(FallbackExhausted) as info:
         await executor(clock, max_total_attempts=4).execute(MODELS, call, None)
     assert len(call.calls) == 4
-    assert call.calls == [("qwen-image", 1), ("qwen-image", 2), ("qwen-image", 3), ("newbie-image", 1)]
+    assert call.calls == [
+        ("qwen-image", 1),
+        ("qwen-image", 2),
+        ("qwen-image", 3),
+        ("newbie-image", 1),
+    ]
     assert info.value.detail["max_total_attempts_reached"] is True
     assert [a.model for a in info.value.attempts] == [c[0] for c in call.calls]
 
@@ -197,7 +233,9 @@ async def test_exhausted_lists_every_attempt_in_order() -> None:
 async def test_backpressure_moves_on_without_retry_or_breaker_failure() -> None:
     """Backpressure goes straight to the next step and never counts against the breaker."""
     clock = FakeClock()
-    reg = BreakerRegistry(BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1), clock=clock)
+    reg = BreakerRegistry(
+        BreakerConfig(fail_max=1, minimum_calls=1, window_size_calls=1), clock=clock
+    )
     call = Script({"qwen-image": always(Backpressure())})
     result = await executor(clock, gate=reg).execute(["qwen-image", "newbie-image"], call, None)
     assert call.calls == [("qwen-image", 1), ("newbie-image", 1)]
@@ -250,7 +288,9 @@ async def test_successful_probe_closes_breaker() -> None:
 async def test_retry_budget_spent_only_by_repeats() -> None:
     """The first call to each step is free; only retries spend the budget."""
     clock = FakeClock()
-    budget = RetryBudget(RetryBudgetPolicy(window_s=10, max_retry_ratio=0.0, min_retries=1), clock=clock)
+    budget = RetryBudget(
+        RetryBudgetPolicy(window_s=10, max_retry_ratio=0.0, min_retries=1), clock=clock
+    )
     ex = executor(clock, budget=budget)
     call = Script({"qwen-image": always(ModelError()), "newbie-image": [ModelError()]})
     await ex.execute(["qwen-image", "newbie-image", "wan-t2v"], call, None)
@@ -295,7 +335,9 @@ async def test_budget_fail_fast_mode() -> None:
 def test_retry_budget_window_slides() -> None:
     """The allowance is max(min_retries, ratio * requests) and frees up after window_s."""
     clock = FakeClock()
-    budget = RetryBudget(RetryBudgetPolicy(window_s=10, max_retry_ratio=0.5, min_retries=1), clock=clock)
+    budget = RetryBudget(
+        RetryBudgetPolicy(window_s=10, max_retry_ratio=0.5, min_retries=1), clock=clock
+    )
     for _ in range(4):
         budget.record_request()
     assert budget.allowance() == 2
@@ -319,9 +361,9 @@ async def test_deadline_exceeded_504() -> None:
     clock = FakeClock()
     call = Script({m: always(ModelError()) for m in MODELS}, clock=clock, cost_s=1.0)
     with pytest.raises(DeadlineExceeded) as info:
-        await executor(clock, retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.1, jitter=0.0)).execute(
-            MODELS, call, None, deadline_s=2.5
-        )
+        await executor(
+            clock, retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.1, jitter=0.0)
+        ).execute(MODELS, call, None, deadline_s=2.5)
     assert info.value.http_status == 504
     # qwen 1 (t=1), retry needs 0.1 + 1.0 -> fits (t=2.1); newbie 1 starts (t=3.1) ... deadline passed.
     assert [a.model for a in info.value.attempts] == ["qwen-image", "qwen-image", "newbie-image"]
@@ -408,5 +450,21 @@ async def test_on_attempt_hook_sees_each_record() -> None:
     clock = FakeClock()
     seen: list[tuple[str, str | None]] = []
     call = Script({"qwen-image": [ModelError()]})
-    await executor(clock).execute(["qwen-image"], call, None, on_attempt=lambda r: seen.append((r.model, r.kind)))
+    await executor(clock).execute(
+        ["qwen-image"], call, None, on_attempt=lambda r: seen.append((r.model, r.kind))
+    )
     assert seen == [("qwen-image", "model_error"), ("qwen-image", None)]
+
+
+async def test_all_open_gives_retry_after() -> None:
+    """When every step is OPEN, FallbackExhausted carries the soonest Retry-After."""
+    clock = FakeClock()
+    reg = BreakerRegistry(BreakerConfig(wait_in_open_s=30.0), clock=clock)
+    reg.get("qwen-image").force_open("test")
+    clock.advance(10)
+    reg.get("newbie-image").force_open("test")
+    call = Script()
+    with pytest.raises(FallbackExhausted) as info:
+        await executor(clock, gate=reg).execute(["qwen-image", "newbie-image"], call, None)
+    assert call.calls == [] and info.value.retry_after_s == pytest.approx(20.0)
+    assert [a.called for a in info.value.attempts] == [False, False]

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.unit
 class Flaky:
     """Fails with the given errors, then returns 'ok'; optionally takes fake time."""
 
-    def __init__(self, fails: list[BaseException], clock: FakeClock | None = None, cost_s: float = 0.0):
+    def __init__(
+        self, fails: list[BaseException], clock: FakeClock | None = None, cost_s: float = 0.0
+    ):
         self.fails = list(fails)
         self.calls: list[int] = []
         self.clock = clock
@@ -61,7 +63,9 @@ async def test_retries_retriable_until_success() -> None:
 async def test_exponential_backoff_without_jitter() -> None:
     """Backoffs are initial * multiplier**(n-1), capped at max_backoff_s."""
     clock = FakeClock()
-    policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.5, multiplier=2.0, max_backoff_s=1.5, jitter=0.0)
+    policy = RetryPolicy(
+        max_attempts=5, initial_backoff_s=0.5, multiplier=2.0, max_backoff_s=1.5, jitter=0.0
+    )
     fn = Flaky([ModelError()] * 4)
     await _retrier(policy, clock).run(fn)
     assert clock.sleeps == [0.5, 1.0, 1.5, 1.5]
@@ -234,9 +238,13 @@ async def test_jitter_is_seeded() -> None:
     jitter=st.floats(min_value=0.0, max_value=1.0),
     seed=st.integers(min_value=0, max_value=2**16),
 )
-def test_backoff_bounds(retry_no: int, initial: float, extra: float, mult: float, jitter: float, seed: int) -> None:
+def test_backoff_bounds(
+    retry_no: int, initial: float, extra: float, mult: float, jitter: float, seed: int
+) -> None:
     """A jittered backoff stays within ±jitter of the base and within [0, max_backoff_s]."""
-    policy = RetryPolicy(initial_backoff_s=initial, max_backoff_s=initial + extra, multiplier=mult, jitter=jitter)
+    policy = RetryPolicy(
+        initial_backoff_s=initial, max_backoff_s=initial + extra, multiplier=mult, jitter=jitter
+    )
     base = policy.base_backoff_s(retry_no)
     value = policy.backoff_s(retry_no, random.Random(seed))
     assert 0.0 <= value <= policy.max_backoff_s
@@ -264,3 +272,14 @@ def test_from_mapping_names_invalid_value() -> None:
         RetryPolicy.from_mapping({"max_attempts": 0}, path="workflows.t2i.retry")
     assert info.value.key == "workflows.t2i.retry.max_attempts"
     assert "max_attempts must be >= 1" in info.value.message
+
+
+def test_from_pydantic_model() -> None:
+    """A pydantic config model is accepted directly (via model_dump)."""
+    from pydantic import BaseModel
+
+    class RetryConfig(BaseModel):
+        max_attempts: int = 2
+        deadline_s: float | None = 30.0
+
+    assert RetryPolicy.from_mapping(RetryConfig()) == RetryPolicy(max_attempts=2, deadline_s=30.0)
