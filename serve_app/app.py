@@ -19,7 +19,10 @@ def build_app(args: dict[str, Any]) -> Application:
     cfg = load_app_config(args)
     models = {
         key: ModelDeployment.options(name=key).bind(
-            key, mcfg.model_dump(mode="json"), cfg.resolve_source(key)
+            key,
+            mcfg.model_dump(mode="json"),
+            cfg.resolve_source(key),
+            cfg.fault_injection.model_dump(mode="json"),
         )
         for key, mcfg in cfg.models.items()
     }

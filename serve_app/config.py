@@ -197,6 +197,83 @@ class FaultInjectionConfig(BaseModel):
     model_config = _Frozen
 
     enabled: bool = False
+    # Seconds between a replica's reads of the fault table (faults are picked
+    # up within this period).
+    poll_s: float = Field(0.5, gt=0, le=1.0)
+
+
+class SupervisorConfig(BaseModel):
+    """How routers talk to the supervisor (never once per request)."""
+
+    model_config = _Frozen
+
+    # Successes are reported in batches at most this often; a failure is
+    # flushed at once (debounced by flush_failure_s) so a breaker trips fast.
+    report_interval_s: float = Field(2.0, gt=0)
+    flush_failure_s: float = Field(0.05, ge=0)
+    # Long-poll timeout of the snapshot refresh.
+    refresh_timeout_s: float = Field(2.0, gt=0)
+    # A snapshot older than this (supervisor unreachable) makes the router
+    # fall back to its local breakers and its own health polling.
+    stale_after_s: float = Field(6.0, gt=0)
+    health_poll_s: float = Field(1.0, gt=0)
+    tick_s: float = Field(0.2, gt=0)
+
+
+class DegradationConfig(BaseModel):
+    model_config = _Frozen
+
+    levels: tuple[dict[str, Any], ...] = (
+        {"name": "light", "step_factor": 0.75, "min_steps": 2, "max_frames": 65},
+        {"name": "medium", "step_factor": 0.5, "min_steps": 2, "max_side_px": 1024, "max_frames": 49},
+        {"name": "heavy", "step_factor": 0.25, "min_steps": 1, "max_side_px": 768, "max_frames": 33},
+    )
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResilienceConfig(BaseModel):
+    """Retry, breaker, budget and degradation policies, validated by the
+    ``resilience`` constructors at start-up (errors name the key)."""
+
+    model_config = _Frozen
+
+    retry: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "max_attempts": 3,
+            "initial_backoff_s": 0.2,
+            "max_backoff_s": 2.0,
+            "multiplier": 2.0,
+            "jitter": 0.5,
+        }
+    )
+    max_total_attempts: int = Field(6, ge=1)
+    retry_budget: dict[str, Any] = Field(default_factory=dict)
+    on_budget_exhausted: Literal["next_step", "fail"] = "next_step"
+    breaker: dict[str, Any] = Field(default_factory=dict)
+    breaker_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    degradation: DegradationConfig = DegradationConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+
+    @model_validator(mode="after")
+    def _policies(self) -> ResilienceConfig:
+        from resilience import (
+            BreakerConfig,
+            DegradationLadder,
+            DegradationPolicy,
+            RetryBudgetPolicy,
+            RetryPolicy,
+        )
+
+        RetryPolicy.from_mapping(self.retry, path="resilience.retry")
+        RetryBudgetPolicy.from_mapping(self.retry_budget, path="resilience.retry_budget")
+        BreakerConfig.from_mapping(self.breaker, path="resilience.breaker")
+        for key, over in self.breaker_overrides.items():
+            if key not in MODEL_KEYS:
+                raise ValueError(f"resilience.breaker_overrides.{key}: unknown model")
+            BreakerConfig.from_mapping({**self.breaker, **over}, path=f"resilience.breaker_overrides.{key}")
+        DegradationLadder.from_config(list(self.degradation.levels), path="resilience.degradation.levels")
+        DegradationPolicy.from_mapping(self.degradation.policy, path="resilience.degradation.policy")
+        return self
 
 
 DEFAULT_CHAINS: dict[str, tuple[str | dict[str, Any], ...]] = {
@@ -225,6 +302,7 @@ class AppConfig(BaseModel):
     deadline: DeadlineConfig = DeadlineConfig()
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     fault_injection: FaultInjectionConfig = FaultInjectionConfig()
+    resilience: ResilienceConfig = ResilienceConfig()
     # Seconds between the router's polls of Serve's deployment status.
     status_poll_s: float = Field(1.0, gt=0)
 
@@ -272,9 +350,8 @@ class AppConfig(BaseModel):
                         f"{where}: {step.model!r} cannot use {', '.join(sorted(unconsumed))}; "
                         f"declare drops: [{', '.join(sorted(unconsumed))}] to allow it as a substitute"
                     )
-        for wf in WORKFLOWS:
-            if wf not in self.workflows:
-                problems.append(f"workflows.{wf}: missing; every workflow needs a chain")
+        if not self.workflows:
+            problems.append("workflows: at least one workflow is needed")
         if self.deadline.max_s <= 0:
             problems.append("deadline.max_s must be positive")
         if problems:

@@ -63,7 +63,8 @@ def classify(status: str, replica_states: dict[str, int], message: str) -> tuple
 class HealthMonitor:
     """Polls ``serve.status()`` for one application's model deployments."""
 
-    def __init__(self, app_name: str, models: list[str], poll_s: float = 1.0):
+    def __init__(self, app_name: str, models: list[str], poll_s: float = 1.0, should_poll: Any = None):
+        self.should_poll = should_poll or (lambda: True)
         self.app_name = app_name
         self.poll_s = poll_s
         self.models: dict[str, ModelHealth] = {m: ModelHealth() for m in models}
@@ -78,7 +79,8 @@ class HealthMonitor:
     async def _loop(self) -> None:
         while True:
             try:
-                await self.poll_once()
+                if self.should_poll():
+                    await self.poll_once()
             except Exception as exc:  # keep polling; report the problem in /v1/status
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("health poll failed: %s", self.last_error)
@@ -107,6 +109,21 @@ class HealthMonitor:
             mh.settled = mh.settled or settled
         self.last_poll = time.time()
         self.last_error = None
+
+    def update_from(self, health: dict[str, dict[str, Any]]) -> None:
+        """Take the supervisor's view (the singleton health loop)."""
+        for key, h in health.items():
+            mh = self.models.get(key)
+            if mh is None:
+                continue
+            if h.get("health") != mh.health:
+                mh.since = float(h.get("since") or time.time())
+            mh.health = str(h.get("health", mh.health))
+            mh.running = int(h.get("running", 0))
+            mh.healthy = mh.running
+            mh.message = str(h.get("message") or "")
+            mh.settled = mh.settled or bool(h.get("settled", mh.health != "down"))
+        self.last_poll = time.time()
 
     def is_up(self, key: str) -> bool:
         mh = self.models.get(key)

@@ -6,9 +6,13 @@ calls the model deployments. Response bodies are raw PNG / MP4 bytes; every
 response carries ``X-Request-Id``; errors are JSON (see API.md).
 """
 
+import asyncio
 import base64
 import binascii
+import hmac
+import json
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -20,10 +24,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from resilience import RetryBudget, RetryBudgetPolicy
 from serve_app.config import (
     MODEL_OUTPUT,
     PIPELINE_CLASSES,
@@ -31,8 +37,13 @@ from serve_app.config import (
     load_app_config,
 )
 from serve_app.deployment_manager import HealthMonitor
-from serve_app.engines.base import Engine, EngineError, PreparedRequest
+from serve_app.engines.base import EngineError, PreparedRequest
+from serve_app.engines.image import ImageEngine
+from serve_app.engines.video import VideoEngine
+from serve_app.faults import FaultSpec, FaultStore
+from serve_app.optimizer import Optimizer
 from serve_app.schemas import EditRequest, GenerationRequest, ImageRequest, VideoRequest
+from serve_app.supervisor_link import SupervisorLink
 from serve_app.validation import Violation, check_params, decode_image
 
 log = logging.getLogger("genguard.router")
@@ -168,6 +179,27 @@ async def _request_id_mw(request: Request, call_next: Any) -> Response:
 app.add_middleware(_BodyLimit)
 
 
+async def _json_or_none(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        return None
+
+
+def _new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+# NOTE: serve.ingress serializes the Router class by value; every module-level
+# name its methods use must be defined above the class.
+
+
+@app.exception_handler(Exception)
+async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error (a bug): %s", exc)
+    return _error_response(500, "internal", f"internal error: {type(exc).__name__}", _request_id_of(request.scope))
+
+
 @app.exception_handler(RequestValidationError)
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     detail = []
@@ -214,13 +246,30 @@ class Router:
             app_name = serve.get_replica_context().app_name
         except Exception:  # not inside Serve (direct construction in tests)
             app_name = "genguard"
-        self.health = HealthMonitor(app_name, list(self.cfg.models), self.cfg.status_poll_s)
-        self.image_engine = Engine("image", self.cfg, self.handles, self.health)
-        self.video_engine = Engine("video", self.cfg, self.handles, self.health)
+        self.app_name = app_name
+        self.link = SupervisorLink(self.cfg, app_name)
+        # Own serve.status() polling only while the supervisor's view is stale.
+        self.health = HealthMonitor(
+            app_name, list(self.cfg.models), self.cfg.status_poll_s, should_poll=lambda: not self.link.fresh()
+        )
+        self.budget = RetryBudget(RetryBudgetPolicy.from_mapping(self.cfg.resilience.retry_budget))
+        self.optimizer = Optimizer(self.cfg)
+        common = (self.cfg, self.handles, self.link, self.is_up, self.budget, self.optimizer)
+        self.image_engine = ImageEngine(*common)
+        self.video_engine = VideoEngine(*common)
         self.started_at = time.time()
+        self.admin_token = os.environ.get("GENGUARD_ADMIN_TOKEN") or None
+        self.faults = FaultStore(app_name)
         _BodyLimit.limit = self.cfg.max_body_bytes
 
+    def is_up(self, key: str) -> bool:
+        health = self.link.health()
+        if health is not None:
+            self.health.update_from(health)
+        return self.health.is_up(key)
+
     async def _ensure_started(self) -> None:
+        self.link.start()
         self.health.start()
 
     # -- generation ------------------------------------------------------
@@ -269,6 +318,8 @@ class Router:
         try:
             result = await engine.run(prepared)
         except EngineError as exc:
+            if exc.status == 422 and exc.detail:
+                return JSONResponse({"detail": exc.detail}, status_code=422)
             headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
             return _error_response(exc.status, exc.kind, str(exc), rid, exc.attempts, headers)
         headers = {
@@ -279,8 +330,6 @@ class Router:
             "X-Seed": str(prepared.payload["seed"]),
         }
         if result.adjustments:
-            import json
-
             headers["X-Adjustments"] = json.dumps(result.adjustments, separators=(",", ":"))
         if result.dropped_inputs:
             headers["X-Dropped-Inputs"] = ",".join(result.dropped_inputs)
@@ -290,6 +339,8 @@ class Router:
         """Resolve the chain and the parameters of the first step, and check
         them against that step's constraints."""
         cfg = self.cfg
+        if workflow not in cfg.workflows:
+            return _error_response(404, "workflow_unavailable", f"workflow {workflow} is not configured here", rid)
         chain = list(cfg.workflows[workflow].chain)
         if body.model is not None:
             able = [s.model for s in chain]
@@ -370,14 +421,14 @@ class Router:
     def _workflow_health(self) -> dict[str, Any]:
         out = {}
         for wf, w in self.cfg.workflows.items():
-            healthy = [m for m in w.models if self.health.is_up(m)]
+            healthy = [m for m in w.models if self.is_up(m)]
             out[wf] = {"servable": bool(healthy), "healthy": healthy}
         return out
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
         await self._ensure_started()
-        if self.health.last_poll is None:
+        if self.link.health() is None and self.health.last_poll is None:
             try:
                 await self.health.poll_once()
             except Exception as exc:  # reported below; readiness stays false
@@ -431,19 +482,154 @@ class Router:
     @app.get("/v1/status")
     async def status(self) -> dict[str, Any]:
         await self._ensure_started()
+        snap = self.link.snapshot or {}
+        breakers = snap.get("breakers") or {}
+        local = self.link.local.status()
+        models = {}
+        for k, m in self.health.models.items():
+            self.is_up(k)
+            if self.link.fresh() and k in breakers:
+                b = breakers[k]
+                breaker = {"state": self.link.state(k).value, "since": b.get("since")}
+            else:
+                breaker = {"state": self.link.state(k).value, "since": local.get(k, {}).get("since")}
+            models[k] = {
+                "health": m.health,
+                "breaker": breaker,
+                "replicas": {"running": m.running, "healthy": m.healthy},
+                "last_error": (m.message or None) if m.health != "healthy" else None,
+            }
+        incidents = snap.get("incidents") or {"open": [], "recent": []}
         return {
-            "degradation": {"level": 0, "mode": "auto"},
-            "supervisor": {"reachable": False, "snapshot_age_s": None},
-            "health_poll": {"last_poll": self.health.last_poll, "last_error": self.health.last_error},
-            "models": {
-                k: {
-                    "health": m.health,
-                    "breaker": {"state": "closed", "since": self.started_at},
-                    "replicas": {"running": m.running, "healthy": m.healthy},
-                    "last_error": m.message or None,
-                }
-                for k, m in self.health.models.items()
+            "degradation": self.link.degradation(),
+            "supervisor": self.link.status(),
+            "router": {
+                "retry_budget": self.budget.stats(),
+                "flat_outputs": self.image_engine.flat_outputs + self.video_engine.flat_outputs,
+                "breakers_from": "supervisor" if self.link.fresh() else "local",
             },
-            "incidents": {"open": [], "recent": []},
+            "models": models,
+            "incidents": incidents,
         }
 
+    @app.get("/v1/errors/report")
+    async def errors_report(self) -> JSONResponse:
+        await self._ensure_started()
+        try:
+            actor = await self.link.actor()
+            report = await asyncio.wait_for(actor.errors_report.remote(), timeout=10)
+        except Exception as exc:  # the supervisor owns analytics
+            return _error_response(
+                503, "supervisor_unavailable", f"error analytics unavailable: {exc}", _new_rid(),
+                headers={"Retry-After": "5"},
+            )
+        return JSONResponse(report)
+
+    # -- admin (GENGUARD_ADMIN_TOKEN; fault routes also need the config flag) ----
+    def _admin(self, request: Request, faults: bool = False) -> JSONResponse | None:
+        rid = _request_id_of(request.scope)
+        if not self.admin_token or (faults and not self.cfg.fault_injection.enabled):
+            return _error_response(404, "not_found", "Not Found", rid)
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
+            return _error_response(401, "unauthorized", "missing or wrong bearer token", rid,
+                                   headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def _admin_call(self, method: str, *args: Any) -> Any:
+        actor = await self.link.actor()
+        self.link.calls["admin"] += 1
+        result = await asyncio.wait_for(getattr(actor, method).remote(*args), timeout=10)
+        if isinstance(result, dict) and "breakers" in result:
+            self.link.apply(result)
+        return result
+
+    @app.post("/admin/faults", status_code=201)
+    async def add_fault(self, request: Request) -> JSONResponse:
+        denied = self._admin(request, faults=True)
+        if denied:
+            return denied
+        try:
+            spec = FaultSpec.model_validate(await _json_or_none(request))
+        except ValidationError as exc:
+            errors = exc.errors()
+            return JSONResponse(
+                {"detail": [{"loc": ["body", *e.get("loc", [])], "msg": e.get("msg"), "type": e.get("type")}
+                            for e in errors]},
+                status_code=422,
+            )
+        if spec.model not in self.cfg.models:
+            return _validation_response(
+                [Violation(("body", "model"), f"unknown model {spec.model!r}; known: {', '.join(self.cfg.models)}",
+                           "value_error.model")],
+                _request_id_of(request.scope),
+            )
+        fault = await asyncio.to_thread(self.faults.add, spec)
+        return JSONResponse(fault, status_code=201)
+
+    @app.get("/admin/faults")
+    async def list_faults(self, request: Request) -> JSONResponse:
+        denied = self._admin(request, faults=True)
+        if denied:
+            return denied
+        return JSONResponse(await asyncio.to_thread(self.faults.read))
+
+    @app.delete("/admin/faults")
+    async def clear_faults(self, request: Request) -> JSONResponse:
+        denied = self._admin(request, faults=True)
+        if denied:
+            return denied
+        return JSONResponse({"cleared": await asyncio.to_thread(self.faults.clear)})
+
+    @app.put("/admin/degradation")
+    async def set_degradation(self, request: Request) -> JSONResponse:
+        denied = self._admin(request)
+        if denied:
+            return denied
+        try:
+            body = await request.json()
+            level = body["level"]
+        except (ValueError, KeyError, TypeError):
+            level = None
+            body = None
+        if body is None or not (level == "auto" or (isinstance(level, int) and not isinstance(level, bool))):
+            return _validation_response(
+                [Violation(("body", "level"), 'level must be an integer or "auto"', "value_error.level")],
+                _request_id_of(request.scope),
+            )
+        if level != "auto" and not 0 <= level <= self.optimizer.max_level:
+            return _validation_response(
+                [Violation(("body", "level"), f"level must be between 0 and {self.optimizer.max_level} or \"auto\"",
+                           "value_error.level")],
+                _request_id_of(request.scope),
+            )
+        result = await self._admin_call("set_degradation", None if level == "auto" else level)
+        await self._refresh_now()
+        return JSONResponse(result)
+
+    @app.post("/admin/breakers/{model}/reset")
+    async def reset_breaker(self, model: str, request: Request) -> JSONResponse:
+        denied = self._admin(request)
+        if denied:
+            return denied
+        if model not in self.cfg.models:
+            return _error_response(404, "not_found", f"unknown model {model!r}", _request_id_of(request.scope))
+        self.link.local.reset(model)
+        snap = await self._admin_call("reset_breaker", model)
+        return JSONResponse({"model": model, "breaker": (snap.get("breakers") or {}).get(model)})
+
+    @app.post("/admin/reset")
+    async def reset_all(self, request: Request) -> JSONResponse:
+        """Close every breaker, clear analytics, level auto (tests, demos)."""
+        denied = self._admin(request)
+        if denied:
+            return denied
+        for k in self.cfg.models:
+            self.link.local.reset(k)
+        await self._admin_call("reset_all")
+        return JSONResponse({"reset": True, "version": self.link.version})
+
+    async def _refresh_now(self) -> None:
+        actor = await self.link.actor()
+        self.link.apply(await asyncio.wait_for(actor.snapshot.remote(-1, 0.0), timeout=10))

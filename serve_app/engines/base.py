@@ -1,21 +1,45 @@
-"""Engine: runs one prepared request against the model deployments.
+"""The resilient engine behind the Enhanced Image and Video Engines.
 
-This is the base engine of the main job: it calls the first step of the
-chain, bounded by the request deadline (a handle call to a deployment with
-no running replica would otherwise wait forever in Serve's queue).
-Retries, breakers, fallbacks and degradation wrap this in the resilient
-engine.
+One request, one ``FallbackExecutor.execute`` over the workflow's chain:
+
+* the breaker gate (the router's ``SupervisorLink``) skips OPEN steps and
+  asks for cluster-wide probe permits in HALF_OPEN;
+* a step with no running replica is skipped (``ModelUnavailable``): a handle
+  call to it would wait in Serve's queue forever;
+* every handle call is bounded by the request deadline and cancelled when
+  the executor gives up on it (the replica stops at its next step callback);
+* retriable failures (replica died, model error, NaN output, timeout) are
+  retried with the step's ``RetryPolicy``; backpressure and OPEN breakers
+  move on to the next step at once, free of the retry budget;
+* the optimizer applies the degradation level and each fallback model's
+  constraints, and gives one smaller retry after an OOM.
+
+No retry stacking: the executor bounds model calls per request by
+``max_total_attempts``, and Serve's handle does not re-run a request whose
+replica died (it raises ``ActorDiedError`` to the caller; measured, see
+docs/resilience.md), so the only retries are these.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from resilience import (
+    FallbackExecutor,
+    GenGuardError,
+    ModelUnavailable,
+    RetryBudget,
+    RetryPolicy,
+)
 from serve_app.config import AppConfig, ChainStep
-from serve_app.deployment_manager import HealthMonitor
+from serve_app.errors import from_handle_exception
+from serve_app.optimizer import Optimizer
+
+log = logging.getLogger("genguard.engine")
 
 
 @dataclass
@@ -39,9 +63,12 @@ class EngineResult:
     degradation_level: int = 0
     adjustments: list[dict[str, Any]] = field(default_factory=list)
     dropped_inputs: list[str] = field(default_factory=list)
+    flat_output: bool = False
 
 
 class EngineError(Exception):
+    """A final failure, already shaped for the HTTP error body."""
+
     def __init__(
         self,
         status: int,
@@ -49,39 +76,128 @@ class EngineError(Exception):
         message: str,
         attempts: list[dict[str, Any]] | None = None,
         retry_after_s: int | None = None,
+        detail: Any = None,
     ):
         super().__init__(message)
         self.status, self.kind = status, kind
         self.attempts = attempts or []
         self.retry_after_s = retry_after_s
+        self.detail = detail
 
 
 class Engine:
-    def __init__(self, kind: str, cfg: AppConfig, handles: dict[str, Any], health: HealthMonitor):
-        self.kind, self.cfg, self.handles, self.health = kind, cfg, handles, health
+    """Runs prepared requests of one media kind (image or video)."""
+
+    def __init__(
+        self,
+        kind: str,
+        cfg: AppConfig,
+        handles: dict[str, Any],
+        link: Any,
+        is_up: Any,
+        budget: RetryBudget,
+        optimizer: Optimizer,
+    ):
+        self.kind, self.cfg, self.handles = kind, cfg, handles
+        self.link, self.is_up, self.optimizer = link, is_up, optimizer
+        r = cfg.resilience
+        self.executor = FallbackExecutor(
+            retry=RetryPolicy.from_mapping(r.retry),
+            max_total_attempts=r.max_total_attempts,
+            gate=link,
+            budget=budget,
+            on_budget_exhausted=r.on_budget_exhausted,
+        )
+        self.flat_outputs = 0
 
     async def run(self, req: PreparedRequest) -> EngineResult:
-        step = req.chain[0]
-        model = step.model
+        level = int(self.link.degradation()["level"])
+        steps = {s.model: s for s in req.chain}
+        primary = req.chain[0].model
+        plans: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        oom_changes: dict[str, list[dict[str, Any]]] = {}
+
+        if level > 0 and req.degradation == "strict":
+            _, changes = self.optimizer.plan(primary, req.payload, level)
+            if any(c["reason"].startswith("degradation") for c in changes):
+                raise EngineError(
+                    503,
+                    "degradation_refused",
+                    f"the service is at degradation level {level} and the request is strict: "
+                    + ", ".join(f"{c['param']} {c['from']}->{c['to']}" for c in changes),
+                    retry_after_s=10,
+                )
+
+        def adapt(step: str, params: dict[str, Any]) -> dict[str, Any]:
+            planned, changes = self.optimizer.plan(step, params, level)
+            for dropped in steps[step].drops:
+                planned.pop(dropped, None)
+            plans[step] = (planned, changes)
+            return planned
+
+        def on_oom(step: str, params: dict[str, Any], err: GenGuardError) -> dict[str, Any] | None:
+            smaller = self.optimizer.after_oom(step, params, level)
+            if smaller is None:
+                return None
+            oom_changes[step] = smaller[1]
+            return smaller[0]
+
+        async def call(step: str, attempt_no: int, params: dict[str, Any]) -> dict[str, Any]:
+            if not self.is_up(step):
+                raise ModelUnavailable(f"{step} has no running replica", model=step, retry_after_s=5.0)
+            response = self.handles[step].generate.remote(params)
+            try:
+                return dict(await response)
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
+            except Exception as exc:
+                raise from_handle_exception(exc, step) from exc
+
         t0 = time.monotonic()
-        remaining = req.deadline_at - t0
-        if not self.health.is_up(model):
-            raise EngineError(
-                503,
-                "model_unavailable",
-                f"{model} has no running replica",
-                [{"model": model, "kind": "model_unavailable", "message": "no running replica", "elapsed_s": 0.0}],
-                retry_after_s=5,
-            )
-        response = self.handles[model].generate.remote(req.payload)
         try:
-            out = await asyncio.wait_for(response, timeout=max(0.0, remaining))
-        except TimeoutError:
-            response.cancel()
-            raise EngineError(
-                504,
-                "deadline_exceeded",
-                f"deadline passed after {time.monotonic() - t0:.1f}s",
-                [{"model": model, "kind": "timeout", "message": "deadline", "elapsed_s": time.monotonic() - t0}],
-            ) from None
-        return EngineResult(data=out["data"], media_type=out["media_type"], model=model)
+            result = await self.executor.execute(
+                [s.model for s in req.chain],
+                call,
+                req.payload,
+                deadline_at_s=req.deadline_at,
+                adapt=adapt,
+                on_oom=on_oom,
+            )
+        except GenGuardError as err:
+            attempts = [a.to_dict() for a in err.attempts]
+            failed = sum(1 for a in err.attempts if a.called and a.kind)
+            self.link.record_request(req.workflow, err, None, failed, time.monotonic() - t0, None)
+            if err.kind == "invalid_request":
+                raise EngineError(422, err.kind, err.message, attempts, detail=err.detail.get("violations")) from err
+            retry_after = None
+            if err.http_status == 503:
+                retry_after = max(1, int(round(err.retry_after_s or 1.0)))
+            raise EngineError(err.http_status, err.kind, err.message, attempts, retry_after) from err
+
+        out = result.value
+        model = result.model
+        _, changes = plans.get(model, ({}, []))
+        adjustments = list(changes) + oom_changes.get(model, [])
+        if model != primary:
+            # Report changes made to fit the fallback's constraints relative to
+            # what the caller asked for.
+            for c in adjustments:
+                if c["reason"].startswith("model constraint"):
+                    c["reason"] = f"fallback to {model}: {c['reason']}"
+        failed = sum(1 for a in result.attempts if a.called and a.kind)
+        shape = {k: req.payload.get(k) for k in ("width", "height", "num_frames", "num_inference_steps")}
+        self.link.record_request(req.workflow, None, model, failed, time.monotonic() - t0, shape)
+        if out.get("flat_output"):
+            self.flat_outputs += 1
+        return EngineResult(
+            data=out["data"],
+            media_type=out["media_type"],
+            model=model,
+            attempts=result.calls,
+            fallback_depth=result.fallback_depth,
+            degradation_level=level,
+            adjustments=adjustments,
+            dropped_inputs=list(steps[model].drops),
+            flat_output=bool(out.get("flat_output")),
+        )

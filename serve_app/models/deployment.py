@@ -32,6 +32,7 @@ from typing import Any
 from ray import serve
 
 from serve_app.config import MODEL_OUTPUT, ModelConfig
+from serve_app.faults import FaultInjector
 from serve_app.media import encode_mp4, encode_png
 from serve_app.params import GenerationParams
 from serve_app.validation import Violation, check_params, decode_image
@@ -63,6 +64,17 @@ class NonFiniteOutputError(RuntimeError):
         return (NonFiniteOutputError, (self.model, self.detail))
 
 
+class GenerationCancelled(RuntimeError):
+    """Raised from the step callback when the request was cancelled."""
+
+    def __init__(self, model: str):
+        self.model = model
+        super().__init__(f"{model}: generation cancelled")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (GenerationCancelled, (self.model,))
+
+
 def pick_device(preference: str) -> str:
     import torch
 
@@ -84,9 +96,13 @@ def pick_dtype(name: str, device: str) -> Any:
 class ModelServer:
     """Plain-Python core of the deployment (testable without Serve)."""
 
-    def __init__(self, key: str, cfg: dict[str, Any], source: str):
+    def __init__(self, key: str, cfg: dict[str, Any], source: str,
+                 faults: FaultInjector | None = None):
         from serve_app.models.runners import get_runner
 
+        self.faults = faults
+        if faults is not None:
+            faults.on_init()
         self.key = key
         self.cfg = ModelConfig.model_validate(cfg)
         self.source = source
@@ -135,16 +151,19 @@ class ModelServer:
             if cancel.is_set():
                 # Lumina2 has no interrupt flag; raising from the callback
                 # stops every family the same way.
-                raise asyncio.CancelledError("generation cancelled")
+                raise GenerationCancelled(self.key)
             return kwargs
 
         with self._lock:
             self.calls += 1
+            poison = self.faults.before_generate(cancel) if self.faults is not None else False
             t0 = time.monotonic()
             generator = torch.Generator(device="cpu").manual_seed(params.seed)
             frames = self.runner.run(self.pipe, params, generator=generator, callback_on_step_end=on_step)
             gen_s = time.monotonic() - t0
         frames = np.asarray(frames, dtype=np.float32)
+        if poison:
+            frames = np.full_like(frames, np.nan)
         if not np.isfinite(frames).all():
             bad = int((~np.isfinite(frames)).sum())
             raise NonFiniteOutputError(self.key, f"{bad} of {frames.size} values are NaN/inf")
@@ -187,20 +206,33 @@ class ModelServer:
 class ModelDeployment:
     """Serve wrapper around ``ModelServer``; named after the model key."""
 
-    def __init__(self, key: str, cfg: dict[str, Any], source: str):
-        self.server = ModelServer(key, cfg, source)
+    def __init__(self, key: str, cfg: dict[str, Any], source: str, fault_injection: dict[str, Any] | None = None):
+        fi = fault_injection or {}
+        faults = None
+        if fi.get("enabled"):
+            faults = FaultInjector(key, _app_name(), enabled=True, poll_s=float(fi.get("poll_s", 0.5)))
+        self.server = ModelServer(key, cfg, source, faults)
+        if faults is not None:
+            faults.start()
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
-        params = self.server.to_params(payload)
+        from serve_app.errors import from_replica_exception
+
+        try:
+            params = self.server.to_params(payload)
+        except ConstraintError as exc:
+            raise from_replica_exception(exc, self.server.key) from exc
         cancel = threading.Event()
         try:
             result = await asyncio.to_thread(self.server.generate_sync, params, cancel)
         except asyncio.CancelledError:
-            cancel.set()
+            cancel.set()  # the worker thread stops at its next step callback
             raise
-        except Exception:
-            self.server.consecutive_failures += 1
-            raise
+        except Exception as exc:
+            err = from_replica_exception(exc, self.server.key)
+            if err.counts_as_failure:
+                self.server.consecutive_failures += 1
+            raise err from exc
         self.server.consecutive_failures = 0
         return result
 
@@ -214,6 +246,7 @@ class ModelDeployment:
             "load_s": s.load_s,
             "calls": s.calls,
             "consecutive_failures": s.consecutive_failures,
+            "injected": dict(s.faults.injected) if s.faults is not None else {},
             "pid": __import__("os").getpid(),
         }
 
@@ -221,3 +254,10 @@ class ModelDeployment:
         problem = self.server.health_problem()
         if problem:
             raise RuntimeError(f"{self.server.key} unhealthy: {problem}")
+
+
+def _app_name() -> str:
+    try:
+        return str(serve.get_replica_context().app_name)
+    except Exception:  # constructed outside Serve (tests)
+        return "genguard"

@@ -92,11 +92,22 @@ def test_unknown_key_and_bad_value_name_the_path() -> None:
     assert "default_s must not exceed max_s" in _err(args)
 
 
-def test_missing_workflow_is_rejected() -> None:
-    """Every workflow needs a chain."""
+def test_subset_of_workflows_is_allowed_but_not_none() -> None:
+    """An image-only deployment may configure a subset of workflows, not zero."""
     args = local_args()
     del args["workflows"]["image-edit"]
-    assert "workflows.image-edit: missing" in _err(args)
+    assert "image-edit" not in load_app_config(args).workflows
+    args["workflows"] = {}
+    assert "at least one workflow" in _err(args)
+
+
+def test_bad_resilience_policy_names_the_key() -> None:
+    """An impossible retry or breaker policy fails at start naming its path."""
+    args = local_args()
+    args["resilience"] = {"retry": {"max_attempts": 0}}
+    assert "resilience.retry.max_attempts" in _err(args)
+    args["resilience"] = {"breaker": {"wait_in_open_s": -1}}
+    assert "resilience.breaker.wait_in_open_s" in _err(args)
 
 
 def test_fault_injection_is_not_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,8 @@ IMAGE_INPUT_KEYS = {"wan-i2v", "wan-ati", "qwen-image-edit"}
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Overrides conftest's fixture (which defaults to .models/tiny): without
+    # GENGUARD_TINY_DIR this module proves a fresh offline build from scratch.
     env = os.environ.get("GENGUARD_TINY_DIR")
     out = Path(env) if env else tmp_path_factory.mktemp("tiny")
     tiny.build(out)
