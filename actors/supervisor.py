@@ -40,6 +40,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -95,6 +96,8 @@ HEALTH_VALUES = ("healthy", "degraded", "down", "starting")
 _ANALYTICS_HEALTH = frozenset({"healthy", "degraded", "down"})
 _MAX_LONG_POLL_S = 60.0
 _MAX_RECENT = 50
+_MAX_MESSAGE = 500
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 # ------------------------------------------------------------------ creation
@@ -281,6 +284,15 @@ def _section(settings: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _clean_message(message: str) -> str:
+    """A health message as published: no terminal colours, at most 500 characters
+    (Serve puts whole constructor tracebacks in it; the tail says what failed)."""
+    text = _ANSI.sub("", str(message)).strip()
+    if len(text) <= _MAX_MESSAGE:
+        return text
+    return text[: _MAX_MESSAGE // 2 - 3] + " … " + text[-(_MAX_MESSAGE // 2 - 2) :]
+
+
 def _shape(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -302,7 +314,7 @@ class Supervisor:
     ``settings`` (JSON-able; missing sections take resilience's defaults):
     ``models`` (keys; their breakers exist from the start and their health
     is polled), ``breaker`` (:class:`~resilience.BreakerConfig` fields),
-    ``breaker_overrides`` (``{model: {...}}``), ``degradation``
+    ``breaker_overrides`` (``{model: {...}}``, merged over ``breaker``), ``degradation``
     (``{"levels": [rungs 1..N], "policy": {DegradationPolicy fields}}``),
     ``store_key`` (GCS KV key; empty/None disables persistence; default
     ``genguard/supervisor/<app_name>``), ``app_name``, ``health_poll_s``
@@ -320,9 +332,11 @@ class Supervisor:
         self._health_poll_s: float | None = None if poll is None else max(0.05, float(poll))
 
         # Validated configs (a bad key raises ConfigError naming it).
-        self._breaker_cfg = BreakerConfig.from_mapping(settings.get("breaker"), "breaker")
+        # A per-model override is merged over the base section (as the config does).
+        base = dict(_section(settings, "breaker"))
+        self._breaker_cfg = BreakerConfig.from_mapping(base, "breaker")
         self._breaker_overrides = {
-            str(k): BreakerConfig.from_mapping(v, f"breaker_overrides.{k}")
+            str(k): BreakerConfig.from_mapping({**base, **dict(v)}, f"breaker_overrides.{k}")
             for k, v in _section(settings, "breaker_overrides").items()
         }
         deg = _section(settings, "degradation")
@@ -517,6 +531,7 @@ class Supervisor:
         settled: bool | None = None,
     ) -> None:
         now = time.time()
+        message = _clean_message(message)
         prev = self._health.get(model)
         if settled is None:
             settled = health != "starting" or bool(prev and prev["settled"])

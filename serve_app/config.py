@@ -209,15 +209,21 @@ class SupervisorConfig(BaseModel):
 
     # Successes are reported in batches at most this often; a failure is
     # flushed at once (debounced by flush_failure_s) so a breaker trips fast.
-    report_interval_s: float = Field(2.0, gt=0)
+    report_interval_s: float = Field(5.0, gt=0)
     flush_failure_s: float = Field(0.05, ge=0)
     # Long-poll timeout of the snapshot refresh.
-    refresh_timeout_s: float = Field(2.0, gt=0)
+    refresh_timeout_s: float = Field(10.0, gt=0)
     # A snapshot older than this (supervisor unreachable) makes the router
     # fall back to its local breakers and its own health polling.
-    stale_after_s: float = Field(6.0, gt=0)
+    stale_after_s: float = Field(15.0, gt=0)
     health_poll_s: float = Field(1.0, gt=0)
     tick_s: float = Field(0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _stale(self) -> SupervisorConfig:
+        if self.stale_after_s <= self.refresh_timeout_s:
+            raise ValueError("stale_after_s must exceed refresh_timeout_s (a long-poll may take that long)")
+        return self
 
 
 class DegradationConfig(BaseModel):

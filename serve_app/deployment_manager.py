@@ -118,7 +118,10 @@ class HealthMonitor:
                 continue
             if h.get("health") != mh.health:
                 mh.since = float(h.get("since") or time.time())
-            mh.health = str(h.get("health", mh.health))
+            health = str(h.get("health", mh.health))
+            # The supervisor reports "starting" before a model's first start
+            # settles; API.md knows healthy/degraded/down only.
+            mh.health = "down" if health == "starting" else health
             mh.running = int(h.get("running", 0))
             mh.healthy = mh.running
             mh.message = str(h.get("message") or "")

@@ -358,7 +358,8 @@ class Router:
             idx = able.index(body.model)
             chain = [chain[idx]] + [s for i, s in enumerate(chain) if i != idx]
         if body.fallback == "strict":
-            chain = [chain[0]] + [s for s in chain[1:] if not s.drops]
+            # Strict: a pinned model alone; otherwise the chain without substitutes.
+            chain = [chain[0]] if body.model is not None else [chain[0]] + [s for s in chain[1:] if not s.drops]
         first = chain[0].model
         mcfg = cfg.models[first]
         d = mcfg.defaults
@@ -627,6 +628,9 @@ class Router:
             return denied
         for k in self.cfg.models:
             self.link.local.reset(k)
+        self.budget = RetryBudget(RetryBudgetPolicy.from_mapping(self.cfg.resilience.retry_budget))
+        for engine in (self.image_engine, self.video_engine):
+            engine.executor.budget = self.budget
         await self._admin_call("reset_all")
         return JSONResponse({"reset": True, "version": self.link.version})
 

@@ -41,8 +41,8 @@ FAST_RESILIENCE: dict[str, Any] = {
         "policy": {"window_s": 5, "min_samples": 1000, "healthy_period_s": 2, "raise_interval_s": 1,
                    "raise_on_breaker_open": False},
     },
-    "supervisor": {"report_interval_s": 0.5, "flush_failure_s": 0.02, "refresh_timeout_s": 1.0,
-                   "stale_after_s": 4.0, "health_poll_s": 0.5, "tick_s": 0.1},
+    "supervisor": {"report_interval_s": 2.0, "flush_failure_s": 0.02, "refresh_timeout_s": 5.0,
+                   "stale_after_s": 8.0, "health_poll_s": 0.5, "tick_s": 0.1},
 }
 
 
@@ -143,11 +143,21 @@ class ChaosApp:
         return int(h.info.remote().result(timeout_s=30)["calls"])
 
     def replica_actor_names(self, model: str) -> list[str]:
-        from ray.util.state import list_actors
+        import ray
 
         prefix = f"SERVE_REPLICA::{self.app_name}#{model}#"
-        return [a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.name and a.name.startswith(prefix)]
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["namespace"] == "serve" and a["name"].startswith(prefix))
+
+    def report(self, until: Any = None, timeout: float = 10.0) -> dict[str, Any]:
+        """GET /v1/errors/report, polled until ``until(report)`` holds
+        (outcome batches reach the supervisor every report_interval_s)."""
+        t0 = time.monotonic()
+        while True:
+            rep = dict(self.http.get("/v1/errors/report").json())
+            if until is None or until(rep) or time.monotonic() - t0 > timeout:
+                return rep
+            time.sleep(0.25)
 
     def kill_replica(self, model: str) -> str:
         import ray
