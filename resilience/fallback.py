@@ -383,8 +383,12 @@ class FallbackExecutor:
             if req.calls >= req.max_total:
                 break
             if self.gate is not None and not self.gate.allows(step):
+                # A gate may say why it refuses (e.g. the model is down);
+                # otherwise the refusal is an OPEN breaker.
+                explain = getattr(self.gate, "skip_error", None)
+                found = explain(step) if callable(explain) else None
                 hint = getattr(self.gate, "retry_after_s", None)
-                skip = CircuitOpen(
+                skip = found if isinstance(found, GenGuardError) else CircuitOpen(
                     f"breaker for {step} does not admit calls",
                     model=step,
                     retry_after_s=hint(step) if callable(hint) else None,

@@ -51,8 +51,11 @@ def classify(status: str, replica_states: dict[str, int], message: str) -> tuple
     starting = sum(int(v) for k, v in replica_states.items() if k in ("STARTING", "PENDING_MIGRATION"))
     if status == "DEPLOY_FAILED":
         return ("degraded" if running else "down"), True, running
-    if status in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
-        return ("healthy" if running else "down"), running > 0 or status == "HEALTHY", running
+    if status in ("HEALTHY", "DOWNSCALING"):
+        # HEALTHY with no replica: scaled to zero on purpose; a call starts one.
+        return "healthy", True, running
+    if status == "UPSCALING":
+        return ("healthy" if running else "down"), running > 0, running
     if status == "UNHEALTHY":
         return ("degraded" if running else "down"), True, running
     # UPDATING: first start (or a rollout) in progress.
@@ -130,7 +133,7 @@ class HealthMonitor:
 
     def is_up(self, key: str) -> bool:
         mh = self.models.get(key)
-        return mh is not None and mh.health in ("healthy", "degraded") and mh.running > 0
+        return mh is not None and mh.health in ("healthy", "degraded")
 
     def all_settled(self) -> bool:
         return all(m.settled for m in self.models.values())

@@ -85,6 +85,33 @@ class EngineError(Exception):
         self.detail = detail
 
 
+class HealthAwareGate:
+    """The breaker gate plus the deployment manager's view: a model that is
+    down is skipped before any call (free of the retry budget), and the
+    attempt record says ``model_unavailable``, not ``circuit_open``."""
+
+    def __init__(self, link: Any, is_up: Any):
+        self.link, self.is_up = link, is_up
+
+    def allows(self, key: str) -> bool:
+        return bool(self.is_up(key)) and bool(self.link.allows(key))
+
+    def skip_error(self, key: str) -> GenGuardError | None:
+        if not self.is_up(key):
+            return ModelUnavailable(f"{key} has no running replica", model=key, retry_after_s=5.0)
+        return None
+
+    def retry_after_s(self, key: str) -> float | None:
+        value = self.link.retry_after_s(key)
+        return None if value is None else float(value)
+
+    async def acquire(self, key: str) -> Any:
+        return await self.link.acquire(key)
+
+    def complete(self, permit: Any, error: BaseException | None, duration_s: float) -> None:
+        self.link.complete(permit, error, duration_s)
+
+
 class Engine:
     """Runs prepared requests of one media kind (image or video)."""
 
@@ -104,7 +131,7 @@ class Engine:
         self.executor = FallbackExecutor(
             retry=RetryPolicy.from_mapping(r.retry),
             max_total_attempts=r.max_total_attempts,
-            gate=link,
+            gate=HealthAwareGate(link, is_up),
             budget=budget,
             on_budget_exhausted=r.on_budget_exhausted,
         )
@@ -143,8 +170,6 @@ class Engine:
             return smaller[0]
 
         async def call(step: str, attempt_no: int, params: dict[str, Any]) -> dict[str, Any]:
-            if not self.is_up(step):
-                raise ModelUnavailable(f"{step} has no running replica", model=step, retry_after_s=5.0)
             response = self.handles[step].generate.remote(params)
             try:
                 return dict(await response)
