@@ -379,11 +379,12 @@ class AppConfig(BaseModel):
         for c in candidates:
             if c.exists():
                 return str(c.resolve())
-        if self.models_root or src.startswith((".", "/")):
-            # Declared as a local path but absent: hand back the best absolute
-            # guess so the load error names a real path.
-            return str(candidates[-1].resolve())
-        return src
+        looks_like_repo_id = src.count("/") == 1 and not src.startswith((".", "/", "~"))
+        if looks_like_repo_id:
+            return src  # a hub repo id (org/name): from_pretrained fetches or uses its cache
+        # Declared as a local path but absent: hand back the best absolute
+        # guess so the load error names a real path.
+        return str(candidates[-1].resolve())
 
     def workflow_models(self, workflow: str) -> list[str]:
         return self.workflows[workflow].models

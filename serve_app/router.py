@@ -260,6 +260,7 @@ class Router:
         self.started_at = time.time()
         self.admin_token = os.environ.get("GENGUARD_ADMIN_TOKEN") or None
         self.faults = FaultStore(app_name)
+        self._first_view = asyncio.Lock()
         _BodyLimit.limit = self.cfg.max_body_bytes
 
     def is_up(self, key: str) -> bool:
@@ -271,6 +272,22 @@ class Router:
     async def _ensure_started(self) -> None:
         self.link.start()
         self.health.start()
+        if self.link.snapshot is None and self.health.last_poll is None:
+            async with self._first_view:
+                if self.link.snapshot is None and self.health.last_poll is None:
+                    await self._first_view_now()
+
+    async def _first_view_now(self) -> None:
+        # A fresh router has no view yet: get one before routing, so it
+        # never mistakes "not yet known" for "down".
+        try:
+            await self.link.refresh_once()
+        except Exception as exc:  # supervisor unreachable: read Serve directly
+            self.link.last_error = f"first snapshot failed: {type(exc).__name__}: {exc}"[:300]
+            try:
+                await self.health.poll_once()
+            except Exception as exc2:  # reported in /v1/status
+                self.health.last_error = str(exc2)
 
     # -- generation ------------------------------------------------------
     @app.post(

@@ -116,6 +116,12 @@ class SupervisorLink:
         self.gate.update(snap)
         self.last_error = None
 
+    async def refresh_once(self, timeout_s: float = 3.0) -> None:
+        """One immediate snapshot (a fresh router's first view)."""
+        actor = await self.actor()
+        self.calls["snapshot"] += 1
+        self.apply(await asyncio.wait_for(actor.snapshot.remote(-1, 0.0), timeout=timeout_s))
+
     async def _refresh_loop(self) -> None:
         while True:
             try:

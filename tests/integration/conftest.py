@@ -224,7 +224,6 @@ def serve_port(ray_cluster: None) -> int:
 
 @pytest.fixture(scope="session")
 def chaos_app(ray_cluster: None, serve_port: int, tiny_dir: Path) -> ChaosApp:
-    os.environ["GENGUARD_MODELS_ROOT"] = str(tiny_dir)
     app = fast_app_config()
     app["args"]["models_root"] = str(tiny_dir)
     deploy([app], serve_port)
