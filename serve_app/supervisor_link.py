@@ -103,6 +103,15 @@ class SupervisorLink:
             self._actor = await asyncio.to_thread(get_or_create_supervisor, self.settings, self.name)
         return self._actor
 
+    def _forget_actor(self, exc: BaseException) -> None:
+        """After the supervisor died for good, look it up (or create it) anew:
+        get_if_exists makes racing routers agree, and it restores its state
+        from the store."""
+        from ray.exceptions import ActorDiedError
+
+        if isinstance(exc, ActorDiedError):
+            self._actor = None
+
     def fresh(self) -> bool:
         return self.snapshot_at is not None and time.monotonic() - self.snapshot_at < self.sc.stale_after_s
 
@@ -135,6 +144,7 @@ class SupervisorLink:
             except Exception as exc:  # unreachable or restarting: serve on local state
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("supervisor refresh failed: %s", self.last_error)
+                self._forget_actor(exc)
                 await asyncio.sleep(0.5)
 
     async def _report_loop(self) -> None:

@@ -17,32 +17,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from serve_app.models.runners import call_kwargs, finish_load, frames_array, pipeline_lock
+from serve_app.models.runners import PipelineRunner, call_kwargs
 from serve_app.params import GenerationParams
 
 __all__ = ["RUNNER", "HunyuanVideoRunner"]
 
 
-class HunyuanVideoRunner:
+class HunyuanVideoRunner(PipelineRunner):
     """Text-to-video on ``HunyuanVideoPipeline`` (key ``hunyuan-video``)."""
 
     pipeline_class_name = "HunyuanVideoPipeline"
+    video = True
 
-    def load(self, source: str, device: str, dtype: Any) -> Any:
-        from diffusers import HunyuanVideoPipeline
-
-        return finish_load(HunyuanVideoPipeline.from_pretrained(source, dtype=dtype), device)
-
-    def run(
-        self,
-        pipe: Any,
-        params: GenerationParams,
-        *,
-        generator: Any,
-        callback_on_step_end: Callable[..., Any] | None = None,
-    ) -> np.ndarray:
+    def call_kwargs(
+        self, params: GenerationParams, callback_on_step_end: Callable[..., Any] | None = None
+    ) -> dict[str, Any]:
         kwargs = call_kwargs(params, callback_on_step_end)
         if params.num_frames is not None:
             kwargs["num_frames"] = params.num_frames
@@ -52,9 +41,7 @@ class HunyuanVideoRunner:
         if params.negative_prompt is not None and true_cfg is not None and float(true_cfg) > 1.0:
             kwargs["negative_prompt"] = params.negative_prompt
             kwargs["true_cfg_scale"] = float(true_cfg)
-        with pipeline_lock(pipe):
-            out = pipe(generator=generator, **kwargs)
-        return frames_array(out, video=True)
+        return kwargs
 
 
 RUNNER = HunyuanVideoRunner()

@@ -13,40 +13,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from serve_app.models.runners import call_kwargs, finish_load, frames_array, pipeline_lock
+from serve_app.models.runners import PipelineRunner, call_kwargs
 from serve_app.params import GenerationParams
 
 __all__ = ["RUNNER", "NewbieImageRunner"]
 
 
-class NewbieImageRunner:
+class NewbieImageRunner(PipelineRunner):
     """Text-to-image on ``Lumina2Pipeline`` (key ``newbie-image``)."""
 
     pipeline_class_name = "Lumina2Pipeline"
 
-    def load(self, source: str, device: str, dtype: Any) -> Any:
-        from diffusers import Lumina2Pipeline
-
-        return finish_load(Lumina2Pipeline.from_pretrained(source, dtype=dtype), device)
-
-    def run(
-        self,
-        pipe: Any,
-        params: GenerationParams,
-        *,
-        generator: Any,
-        callback_on_step_end: Callable[..., Any] | None = None,
-    ) -> np.ndarray:
+    def call_kwargs(
+        self, params: GenerationParams, callback_on_step_end: Callable[..., Any] | None = None
+    ) -> dict[str, Any]:
         kwargs = call_kwargs(params, callback_on_step_end)
         if params.negative_prompt is not None:
             kwargs["negative_prompt"] = params.negative_prompt
         if params.guidance_scale is not None:
             kwargs["guidance_scale"] = params.guidance_scale
-        with pipeline_lock(pipe):
-            out = pipe(generator=generator, **kwargs)
-        return frames_array(out, video=False)
+        return kwargs
 
 
 RUNNER = NewbieImageRunner()

@@ -27,9 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from serve_app.models.runners import call_kwargs, finish_load, frames_array, pipeline_lock
+from serve_app.models.runners import PipelineRunner, call_kwargs
 from serve_app.params import GenerationParams
 
 __all__ = [
@@ -90,56 +88,34 @@ def _guidance_kwargs(params: GenerationParams) -> dict[str, Any]:
     return kwargs
 
 
-class QwenImageRunner:
+class QwenImageRunner(PipelineRunner):
     """Text-to-image on ``QwenImagePipeline`` (key ``qwen-image``)."""
 
     pipeline_class_name = "QwenImagePipeline"
 
-    def load(self, source: str, device: str, dtype: Any) -> Any:
-        from diffusers import QwenImagePipeline
-
-        return finish_load(QwenImagePipeline.from_pretrained(source, dtype=dtype), device)
-
-    def run(
-        self,
-        pipe: Any,
-        params: GenerationParams,
-        *,
-        generator: Any,
-        callback_on_step_end: Callable[..., Any] | None = None,
-    ) -> np.ndarray:
-        kwargs = call_kwargs(params, callback_on_step_end) | _guidance_kwargs(params)
-        with pipeline_lock(pipe):
-            out = pipe(generator=generator, **kwargs)
-        return frames_array(out, video=False)
+    def call_kwargs(
+        self, params: GenerationParams, callback_on_step_end: Callable[..., Any] | None = None
+    ) -> dict[str, Any]:
+        return call_kwargs(params, callback_on_step_end) | _guidance_kwargs(params)
 
 
-class QwenImageEditRunner:
+class QwenImageEditRunner(QwenImageRunner):
     """Image edit on ``QwenImageEditPipeline`` (key ``qwen-image-edit``); ``params.image`` is the PIL input."""
 
     pipeline_class_name = "QwenImageEditPipeline"
 
     def load(self, source: str, device: str, dtype: Any) -> Any:
         ensure_qwen2vl_processor_loadable()
-        from diffusers import QwenImageEditPipeline
+        return super().load(source, device, dtype)
 
-        return finish_load(QwenImageEditPipeline.from_pretrained(source, dtype=dtype), device)
-
-    def run(
-        self,
-        pipe: Any,
-        params: GenerationParams,
-        *,
-        generator: Any,
-        callback_on_step_end: Callable[..., Any] | None = None,
-    ) -> np.ndarray:
+    def call_kwargs(
+        self, params: GenerationParams, callback_on_step_end: Callable[..., Any] | None = None
+    ) -> dict[str, Any]:
         if params.image is None:
             raise ValueError("image edit needs params.image (a PIL RGB image)")
-        kwargs = call_kwargs(params, callback_on_step_end) | _guidance_kwargs(params)
+        kwargs = super().call_kwargs(params, callback_on_step_end)
         kwargs["image"] = params.image
-        with pipeline_lock(pipe):
-            out = pipe(generator=generator, **kwargs)
-        return frames_array(out, video=False)
+        return kwargs
 
 
 GENERATE_RUNNER = QwenImageRunner()

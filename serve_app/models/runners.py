@@ -27,6 +27,7 @@ from serve_app.params import GenerationParams
 
 __all__ = [
     "RUNNER_MODULES",
+    "PipelineRunner",
     "Runner",
     "call_kwargs",
     "finish_load",
@@ -137,3 +138,37 @@ def call_kwargs(
     if callback_on_step_end is not None:
         kwargs["callback_on_step_end"] = callback_on_step_end
     return kwargs
+
+
+class PipelineRunner:
+    """The common runner: load ``pipeline_class_name`` with ``from_pretrained``,
+    call it under the pipeline's lock with ``call_kwargs(params)``, return
+    the first sample's frames. Families override ``call_kwargs`` (and ``load``
+    for load-time fixups)."""
+
+    pipeline_class_name: str = ""
+    video: bool = False
+
+    def load(self, source: str, device: str, dtype: Any) -> Any:
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class_name)
+        return finish_load(cls.from_pretrained(source, dtype=dtype), device)
+
+    def call_kwargs(
+        self, params: GenerationParams, callback_on_step_end: Callable[..., Any] | None = None
+    ) -> dict[str, Any]:
+        return call_kwargs(params, callback_on_step_end)
+
+    def run(
+        self,
+        pipe: Any,
+        params: GenerationParams,
+        *,
+        generator: Any,
+        callback_on_step_end: Callable[..., Any] | None = None,
+    ) -> np.ndarray:
+        kwargs = self.call_kwargs(params, callback_on_step_end)
+        with pipeline_lock(pipe):
+            out = pipe(generator=generator, **kwargs)
+        return frames_array(out, video=self.video)

@@ -19,9 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from serve_app.models.runners import call_kwargs, finish_load, frames_array, pipeline_lock
+from serve_app.models.runners import PipelineRunner, call_kwargs, finish_load
 from serve_app.params import GenerationParams
 
 __all__ = ["I2V_RUNNER", "T2V_RUNNER", "WanI2VRunner", "WanT2VRunner"]
@@ -64,29 +62,22 @@ def _video_kwargs(
     return kwargs
 
 
-class WanT2VRunner:
+class WanT2VRunner(PipelineRunner):
     """Text-to-video on ``WanPipeline`` (key ``wan-t2v``)."""
 
     pipeline_class_name = "WanPipeline"
+    video = True
 
     def load(self, source: str, device: str, dtype: Any) -> Any:
         return _load(self.pipeline_class_name, source, device, dtype)
 
-    def run(
-        self,
-        pipe: Any,
-        params: GenerationParams,
-        *,
-        generator: Any,
-        callback_on_step_end: Callable[..., Any] | None = None,
-    ) -> np.ndarray:
-        kwargs = _video_kwargs(params, callback_on_step_end)
-        with pipeline_lock(pipe):
-            out = pipe(generator=generator, **kwargs)
-        return frames_array(out, video=True)
+    def call_kwargs(
+        self, params: GenerationParams, callback_on_step_end: Callable[..., Any] | None = None
+    ) -> dict[str, Any]:
+        return _video_kwargs(params, callback_on_step_end)
 
 
-class WanI2VRunner:
+class WanI2VRunner(WanT2VRunner):
     """Image-to-video on ``WanImageToVideoPipeline`` (key ``wan-i2v``).
 
     ``params.image`` (PIL RGB) is resized by the pipeline to ``width`` x
@@ -94,9 +85,6 @@ class WanI2VRunner:
     """
 
     pipeline_class_name = "WanImageToVideoPipeline"
-
-    def load(self, source: str, device: str, dtype: Any) -> Any:
-        return _load(self.pipeline_class_name, source, device, dtype)
 
     def call_kwargs(
         self, params: GenerationParams, callback_on_step_end: Callable[..., Any] | None = None
@@ -107,19 +95,6 @@ class WanI2VRunner:
         kwargs = _video_kwargs(params, callback_on_step_end)
         kwargs["image"] = params.image
         return kwargs
-
-    def run(
-        self,
-        pipe: Any,
-        params: GenerationParams,
-        *,
-        generator: Any,
-        callback_on_step_end: Callable[..., Any] | None = None,
-    ) -> np.ndarray:
-        kwargs = self.call_kwargs(params, callback_on_step_end)
-        with pipeline_lock(pipe):
-            out = pipe(generator=generator, **kwargs)
-        return frames_array(out, video=True)
 
 
 T2V_RUNNER = WanT2VRunner()

@@ -177,3 +177,33 @@ def test_sick_replica_is_replaced_by_health_check(chaos: ChaosApp, serve_port: i
     finally:
         deploy([main], serve_port)
         wait_ready(chaos.url, timeout=180)
+
+
+def test_supervisor_unreachable_router_keeps_serving_then_recovers(chaos: ChaosApp) -> None:
+    """With the supervisor gone for good, routers keep serving on local breakers
+    and say so; they then recreate it, which restores the OPEN breaker."""
+    import ray
+
+    from serve_app.supervisor_link import supervisor_name
+
+    chaos.fault("hunyuan-video", "error")
+    for _ in range(3):
+        chaos.video(model="hunyuan-video", fallback="strict")
+    chaos.wait_breaker("hunyuan-video", "open", timeout=5)
+    ray.kill(ray.get_actor(supervisor_name("genguard"), namespace="genguard"), no_restart=True)
+    saw_unreachable = False
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        r = chaos.video(seed=1)
+        assert r.status_code == 200, r.text  # served by wan-t2v meanwhile
+        st = chaos.status()
+        if not st["supervisor"]["reachable"]:
+            saw_unreachable = True
+            assert st["router"]["breakers_from"] == "local"
+        elif saw_unreachable:
+            break
+        time.sleep(0.5)
+    assert saw_unreachable, "status never said the supervisor was unreachable"
+    st = chaos.status()
+    assert st["supervisor"]["reachable"] is True
+    assert st["models"]["hunyuan-video"]["breaker"]["state"] in ("open", "half_open")

@@ -391,3 +391,37 @@ def test_healthz_independent_of_models(chaos: ChaosApp) -> None:
     """/healthz answers while a model fails every call."""
     chaos.fault("qwen-image", "error")
     assert httpx.get(chaos.url + "/healthz").status_code == 200
+
+
+def test_deadline_passing_first_is_504(chaos: ChaosApp) -> None:
+    """Every step hung and a short deadline: a 504 at the deadline, not a hang."""
+    chaos.fault("hunyuan-video", "hang")
+    chaos.fault("wan-t2v", "hang")
+    t0 = time.monotonic()
+    r = chaos.video(deadline_s=2.5)
+    took = time.monotonic() - t0
+    assert r.status_code == 504 and r.json()["error"]["kind"] == "deadline_exceeded", r.text
+    assert took < 5.0
+    assert r.json()["attempts"]
+
+
+def test_crash_fault_replica_exits_and_is_replaced(chaos: ChaosApp) -> None:
+    """`crash` makes the replica process exit: the request is served by retry or
+    fallback, and Serve brings up a new replica that serves again."""
+    before = chaos.replica_actor_names("qwen-image-edit")
+    chaos.fault("qwen-image-edit", "crash", duration_s=2.0)
+    r = chaos.post("/v1/images/edits", {"prompt": "blue", "image": png_b64()})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-model"] in ("qwen-image-edit", "qwen-image")
+    time.sleep(2.0)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = chaos.replica_actor_names("qwen-image-edit")
+        if now and now != before:
+            break
+        time.sleep(0.5)
+    assert now != before
+    chaos.wait_all_healthy(("qwen-image-edit",))
+    chaos.reset()
+    r = chaos.post("/v1/images/edits", {"prompt": "blue", "image": png_b64()})
+    assert r.status_code == 200 and r.headers["x-model"] == "qwen-image-edit"
