@@ -31,7 +31,7 @@ INFO_HEADERS = (
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--out", "-o", required=True, type=Path, help="file to write the result to")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="genguard base URL")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="genguard base URL (default: %(default)s)")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int, dest="num_inference_steps")
@@ -87,8 +87,16 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    path, body = request_of(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.out.parent.is_dir():
+        parser.error(f"--out: folder {args.out.parent} does not exist")
+    try:
+        path, body = request_of(args)
+    except FileNotFoundError as exc:
+        parser.error(f"file not found: {exc.filename}")
+    except json.JSONDecodeError as exc:
+        parser.error(f"--trajectories is not valid JSON: {exc}")
     try:
         resp = httpx.post(args.url.rstrip("/") + path, json=body, timeout=args.timeout)
     except httpx.HTTPError as exc:

@@ -209,6 +209,10 @@ async def _on_validation(request: Request, exc: RequestValidationError) -> JSONR
             item["msg"] = f"{item['loc'][-1]} is required" if item["loc"] else "field required"
         elif item["type"] == "extra_forbidden":
             item["msg"] = f"unknown field {item['loc'][-1]!r}"
+        elif str(item["msg"]).startswith("Input should be") and item["loc"]:
+            # Name the field in pydantic's generic wording.
+            field = ".".join(str(p) for p in item["loc"][1:]) or str(item["loc"][-1])
+            item["msg"] = f"{field} should be" + str(item["msg"])[len("Input should be"):]
         detail.append(item)
     _request_id_of(request.scope)
     return JSONResponse({"detail": detail}, status_code=422)
@@ -312,6 +316,13 @@ class Router:
         response_class=Response,
     )
     async def videos(self, body: VideoRequest, request: Request) -> Response:
+        if body.trajectories is not None and not body.trajectories:
+            return _validation_response(
+                [Violation(("body", "trajectories"),
+                           "trajectories must hold at least one track (leave the field out for image-to-video)",
+                           "value_error.trajectory")],
+                _request_id_of(request.scope),
+            )
         if body.trajectories and body.image is None:
             return _validation_response(
                 [Violation(("body", "image"), "image is required when trajectories are given", "missing")],

@@ -21,6 +21,7 @@ and ``/v1/status`` says so.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any
@@ -30,6 +31,7 @@ from resilience import (
     BreakerRegistry,
     BreakerState,
     GenGuardError,
+    Outcome,
     Permit,
     SnapshotGate,
     counts_as_failure,
@@ -37,6 +39,10 @@ from resilience import (
 from serve_app.config import AppConfig
 
 log = logging.getLogger("genguard.supervisor_link")
+
+# The workflow of the request being executed (set by the engine), so attempt
+# outcomes reach analytics with their workflow.
+CURRENT_WORKFLOW: contextvars.ContextVar[str | None] = contextvars.ContextVar("genguard_workflow", default=None)
 
 
 def supervisor_settings(cfg: AppConfig, app_name: str) -> dict[str, Any]:
@@ -84,6 +90,7 @@ class SupervisorLink:
         self.last_error: str | None = None
         self._actor: Any = None
         self._requests: list[dict[str, Any]] = []
+        self._outcomes: list[dict[str, Any]] = []
         self._failure = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.calls = {"snapshot": 0, "report": 0, "probe": 0, "admin": 0}
@@ -158,7 +165,7 @@ class SupervisorLink:
             await self.flush()
 
     async def flush(self) -> None:
-        outcomes = [o.to_dict() for o in self.gate.drain()]
+        outcomes, self._outcomes = self._outcomes, []
         requests, self._requests = self._requests, []
         if not outcomes and not requests:
             return
@@ -191,7 +198,10 @@ class SupervisorLink:
         # The local breakers see every outcome, so they are warm if the
         # supervisor goes away.
         if self.fresh():
-            self.gate.complete(permit, error, duration_s)
+            if len(self._outcomes) < 10_000:
+                out = Outcome.of(permit.key, error, duration_s, permit=permit, at_s=time.time()).to_dict()
+                out["workflow"] = CURRENT_WORKFLOW.get()
+                self._outcomes.append(out)
             self.local.record(permit.key, error, duration_s)
         else:
             self.local.complete(permit, error, duration_s)

@@ -166,7 +166,13 @@ def decode_image(data: bytes) -> Any:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
+        raise ValueError(
+            "image could not be decoded: not a recognised image format (PNG, JPEG, WebP, ...)"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image could not be decoded: too many pixels ({exc})") from exc
+    except (OSError, ValueError) as exc:
         raise ValueError(f"image could not be decoded: {exc}") from exc
     if img.width < 1 or img.height < 1:
         raise ValueError("image has no pixels")

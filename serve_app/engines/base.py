@@ -38,6 +38,7 @@ from resilience import (
 from serve_app.config import AppConfig, ChainStep
 from serve_app.errors import from_handle_exception
 from serve_app.optimizer import Optimizer
+from serve_app.supervisor_link import CURRENT_WORKFLOW
 
 log = logging.getLogger("genguard.engine")
 
@@ -180,6 +181,7 @@ class Engine:
                 raise from_handle_exception(exc, step) from exc
 
         t0 = time.monotonic()
+        CURRENT_WORKFLOW.set(req.workflow)
         try:
             result = await self.executor.execute(
                 [s.model for s in req.chain],

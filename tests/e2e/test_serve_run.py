@@ -232,6 +232,9 @@ def test_seed_is_drawn_and_echoed(server: str) -> None:
         ("/v1/videos", {"prompt": "x", "image": base64.b64encode(b"garbage").decode()}, ["body", "image"], "could not be decoded"),
         ("/v1/videos", {"prompt": "x", "trajectories": [[[0.1, 0.1]]]}, ["body", "image"], "required when trajectories"),
         ("/v1/images/edits", {"prompt": "x"}, ["body", "image"], "image is required"),
+        ("/v1/videos", {"prompt": "x", "image": png_b64(), "trajectories": []}, ["body", "trajectories"], "at least one track"),
+        ("/v1/images", {"prompt": "x", "seed": -1}, ["body", "seed"], "seed should be greater than or equal to 0"),
+        ("/v1/images", {"prompt": "x", "fallback": "maybe"}, ["body", "fallback"], "fallback should be 'allow' or 'strict'"),
         ("/v1/images", {"prompt": "x", "deadline_s": 10_000}, ["body", "deadline_s"], "at most 300"),
     ],
 )
@@ -272,6 +275,13 @@ def test_body_too_large_is_413(server: str) -> None:
     assert r.status_code == 413 and r.json()["error"]["kind"] == "payload_too_large"
 
 
+def test_admin_routes_absent_without_token(server: str) -> None:
+    """Without GENGUARD_ADMIN_TOKEN every /admin route is 404 (JSON)."""
+    for method, path in [("GET", "/admin/faults"), ("POST", "/admin/reset"), ("PUT", "/admin/degradation")]:
+        r = httpx.request(method, server + path, json={"level": 1})
+        assert r.status_code == 404 and r.json()["error"]["kind"] == "not_found"
+
+
 def test_cli_client_writes_file(server: str, tmp_path: Path) -> None:
     """The CLI writes the PNG and prints the serving model."""
     out = tmp_path / "fox.png"
@@ -287,3 +297,9 @@ def test_cli_client_writes_file(server: str, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert bad.returncode == 1 and "422" in bad.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "serve_app.client", "edit", "x", "--image", str(tmp_path / "nope.png"),
+         "--out", str(out), "--url", server],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert missing.returncode == 2 and "file not found" in missing.stderr and "Traceback" not in missing.stderr
