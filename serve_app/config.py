@@ -108,7 +108,11 @@ class Constraints(BaseModel):
     multiple_of: int = Field(16, ge=1)
     min_side_px: int = Field(16, ge=1)
     max_side_px: int = Field(2048, ge=1)
+    # Some schedulers degenerate at one step (Qwen-Image's shift_terminal
+    # divides by zero: NaN frames), so a model may need more.
+    min_steps: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1)
+    max_guidance_scale: float = Field(50.0, ge=0, allow_inf_nan=False)
     frames: FrameConstraints | None = None
     # width * height * frames (frames = 1 for images): the compute/memory
     # budget of one request on this model.
@@ -116,6 +120,9 @@ class Constraints(BaseModel):
     max_prompt_chars: int = Field(2000, ge=1)
     max_tracks: int = Field(16, ge=1)
     max_track_points: int = Field(1024, ge=1)
+    # Input images (edit, image-to-video): decoded pixel count and aspect ratio.
+    max_image_pixels: int = Field(16_777_216, ge=1)
+    max_image_aspect: float = Field(20.0, ge=1, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _sides(self) -> Constraints:
@@ -123,6 +130,8 @@ class Constraints(BaseModel):
             raise ValueError("min_side_px must not exceed max_side_px")
         if self.max_side_px < self.multiple_of:
             raise ValueError("max_side_px must be at least multiple_of")
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must not exceed max_steps")
         return self
 
 
@@ -232,7 +241,7 @@ class DegradationConfig(BaseModel):
     levels: tuple[dict[str, Any], ...] = (
         {"name": "light", "step_factor": 0.75, "min_steps": 2, "max_frames": 65},
         {"name": "medium", "step_factor": 0.5, "min_steps": 2, "max_side_px": 1024, "max_frames": 49},
-        {"name": "heavy", "step_factor": 0.25, "min_steps": 1, "max_side_px": 768, "max_frames": 33},
+        {"name": "heavy", "step_factor": 0.25, "min_steps": 2, "max_side_px": 768, "max_frames": 33},
     )
     policy: dict[str, Any] = Field(default_factory=dict)
 
@@ -253,6 +262,10 @@ class ResilienceConfig(BaseModel):
         }
     )
     max_total_attempts: int = Field(6, ge=1)
+    # While later steps remain in the chain, one attempt may use at most this
+    # share of the time left, so a hung or restarting replica leaves time for
+    # the fallback instead of ending in a 504 (0 disables).
+    fallback_reserve_ratio: float = Field(0.5, ge=0.0, lt=1.0)
     retry_budget: dict[str, Any] = Field(default_factory=dict)
     on_budget_exhausted: Literal["next_step", "fail"] = "next_step"
     breaker: dict[str, Any] = Field(default_factory=dict)

@@ -40,13 +40,13 @@ KV_NAMESPACE = "genguard"
 class FaultSpec(BaseModel):
     """Body of ``POST /admin/faults``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     mode: Literal["error", "hang", "slow", "oom", "nan", "crash", "init_error"]
     rate: float = Field(1.0, ge=0.0, le=1.0)
-    duration_s: float | None = Field(None, gt=0)
-    delay_s: float | None = Field(None, ge=0)
+    duration_s: float | None = Field(None, gt=0, le=86_400)
+    delay_s: float | None = Field(None, ge=0, le=3_600)
     # Fire at most this many times in each replica (e.g. one OOM, then healthy).
     max_hits: int | None = Field(None, ge=1)
 

@@ -45,6 +45,14 @@ class Optimizer:
         to its constraints, with the list of what changed."""
         rung = self.ladder[level] if level > 0 else None
         new, changes = adjust_parameters(self._params(model, payload), rung, self.constraints[model])
+        floor = self.cfg.models[model].constraints.min_steps
+        steps = new.get("num_inference_steps")
+        if isinstance(steps, int) and steps < floor:
+            for c in changes:
+                if c["param"] == "num_inference_steps":
+                    c["to"] = floor
+            new["num_inference_steps"] = floor
+            changes = [c for c in changes if c["param"] != "num_inference_steps" or c["from"] != c["to"]]
         out = {**payload, **{k: v for k, v in new.items() if k in PARAM_KEYS}}
         if MODEL_OUTPUT[model] != "video":
             out.pop("num_frames", None)

@@ -68,21 +68,32 @@ class _BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._reject(scope, send)
             return
+        # Buffer the body (at most `limit` bytes), so a chunked upload over the
+        # limit is a 413 too, before the app parses anything.
+        chunks: list[bytes] = []
         seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return msg
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
+                await self._reject(scope, send)
+                return
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._reject(scope, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         resp = _error_response(
@@ -92,10 +103,6 @@ class _BodyLimit:
             _request_id_of(scope),
         )
         await resp(scope, _null_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _null_receive() -> Message:
@@ -184,10 +191,6 @@ async def _json_or_none(request: Request) -> Any:
         return await request.json()
     except ValueError:
         return None
-
-
-def _new_rid() -> str:
-    return uuid.uuid4().hex
 
 
 # NOTE: serve.ingress serializes the Router class by value; every module-level
@@ -339,7 +342,7 @@ class Router:
     async def _generate(self, workflow: str, body: GenerationRequest, request: Request) -> Response:
         await self._ensure_started()
         rid = _request_id_of(request.scope)
-        prepared = self._prepare(workflow, body, rid)
+        prepared = await self._prepare(workflow, body, rid)
         if isinstance(prepared, JSONResponse):
             return prepared
         engine = self.video_engine if MODEL_OUTPUT[prepared.chain[0].model] == "video" else self.image_engine
@@ -363,7 +366,7 @@ class Router:
             headers["X-Dropped-Inputs"] = ",".join(result.dropped_inputs)
         return Response(content=result.data, media_type=result.media_type, headers=headers)
 
-    def _prepare(self, workflow: str, body: GenerationRequest, rid: str) -> PreparedRequest | JSONResponse:
+    async def _prepare(self, workflow: str, body: GenerationRequest, rid: str) -> PreparedRequest | JSONResponse:
         """Resolve the chain and the parameters of the first step, and check
         them against that step's constraints."""
         cfg = self.cfg
@@ -385,6 +388,14 @@ class Router:
                 )
             idx = able.index(body.model)
             chain = [chain[idx]] + [s for i, s in enumerate(chain) if i != idx]
+        if body.fallback == "strict" and chain[0].drops:
+            keep = [s.model for s in chain if not s.drops]
+            return _validation_response(
+                [Violation(("body", "model"),
+                           f"{chain[0].model} would drop {', '.join(chain[0].drops)} for {workflow}, which "
+                           f"fallback=strict refuses; use one of: {', '.join(keep)}", "value_error.model")],
+                rid,
+            )
         if body.fallback == "strict":
             # Strict: a pinned model alone; otherwise the chain without substitutes.
             chain = [chain[0]] if body.model is not None else [chain[0]] + [s for s in chain[1:] if not s.drops]
@@ -415,7 +426,11 @@ class Router:
         if image_b64 is not None:
             try:
                 raw = _decode_b64(image_b64)
-                decode_image(raw)
+                c = mcfg.constraints
+                # Decoding is CPU work: off the event loop.
+                await asyncio.to_thread(
+                    decode_image, raw, max_pixels=c.max_image_pixels, max_aspect=c.max_image_aspect
+                )
                 payload["image"] = raw
             except ValueError as exc:
                 violations.append(Violation(("body", "image"), str(exc), "value_error.image"))
@@ -491,7 +506,12 @@ class Router:
                     "max_steps": c.max_steps,
                     "max_pixel_frames": c.max_pixel_frames,
                     "max_prompt_chars": c.max_prompt_chars,
+                    "min_steps": c.min_steps,
+                    "max_guidance_scale": c.max_guidance_scale,
+                    "max_image_pixels": c.max_image_pixels,
                     "frames": c.frames.model_dump() if c.frames else None,
+                    **({"max_tracks": c.max_tracks, "max_track_points": c.max_track_points}
+                       if key == "wan-ati" else {}),
                 },
                 "defaults": m.defaults.model_dump(),
             }
@@ -542,14 +562,14 @@ class Router:
         }
 
     @app.get("/v1/errors/report")
-    async def errors_report(self) -> JSONResponse:
+    async def errors_report(self, request: Request) -> JSONResponse:
         await self._ensure_started()
         try:
             actor = await self.link.actor()
             report = await asyncio.wait_for(actor.errors_report.remote(), timeout=10)
         except Exception as exc:  # the supervisor owns analytics
             return _error_response(
-                503, "supervisor_unavailable", f"error analytics unavailable: {exc}", _new_rid(),
+                503, "supervisor_unavailable", f"error analytics unavailable: {exc}", _request_id_of(request.scope),
                 headers={"Retry-After": "5"},
             )
         return JSONResponse(report)

@@ -82,10 +82,10 @@ def check_params(
     steps = params.get("num_inference_steps")
     if not isinstance(steps, int) or isinstance(steps, bool):
         bad("num_inference_steps", "num_inference_steps must be an integer", "type")
-    elif not 1 <= steps <= c.max_steps:
+    elif not c.min_steps <= steps <= c.max_steps:
         bad(
             "num_inference_steps",
-            f"num_inference_steps must be between 1 and {c.max_steps}, got {steps}",
+            f"num_inference_steps must be between {c.min_steps} and {c.max_steps}, got {steps}",
             "range",
         )
 
@@ -127,6 +127,8 @@ def check_params(
     prompt = params.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         bad("prompt", "prompt must be a non-empty string", "prompt")
+    elif not _is_utf8(prompt):
+        bad("prompt", "prompt must be valid Unicode text (it holds a lone surrogate)", "prompt")
     elif len(prompt) > c.max_prompt_chars:
         bad(
             "prompt",
@@ -134,7 +136,9 @@ def check_params(
             "prompt_length",
         )
     neg = params.get("negative_prompt")
-    if isinstance(neg, str) and len(neg) > c.max_prompt_chars:
+    if isinstance(neg, str) and not _is_utf8(neg):
+        bad("negative_prompt", "negative_prompt must be valid Unicode text (it holds a lone surrogate)", "prompt")
+    elif isinstance(neg, str) and len(neg) > c.max_prompt_chars:
         bad(
             "negative_prompt",
             f"negative_prompt must be at most {c.max_prompt_chars} characters, got {len(neg)}",
@@ -142,8 +146,10 @@ def check_params(
         )
 
     gs = params.get("guidance_scale")
-    if gs is not None and (not isinstance(gs, int | float) or not math.isfinite(gs) or gs < 0):
-        bad("guidance_scale", "guidance_scale must be a finite number >= 0", "range")
+    if gs is not None and (
+        not isinstance(gs, int | float) or not math.isfinite(gs) or not 0 <= gs <= c.max_guidance_scale
+    ):
+        bad("guidance_scale", f"guidance_scale must be between 0 and {c.max_guidance_scale:g}", "range")
 
     tracks = params.get("trajectories")
     if tracks:
@@ -159,12 +165,29 @@ def check_params(
     return out
 
 
-def decode_image(data: bytes) -> Any:
-    """Decode image bytes to an RGB PIL image, or raise ValueError saying why."""
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def decode_image(data: bytes, *, max_pixels: int = 16_777_216, max_aspect: float = 20.0) -> Any:
+    """Decode image bytes to an RGB PIL image, or raise ValueError saying why.
+
+    The size is checked from the header before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise ValueError("image has no pixels")
+        if w * h > max_pixels:
+            raise ValueError(f"image is {w}x{h}: more than {max_pixels} pixels")
+        if max(w, h) / min(w, h) > max_aspect:
+            raise ValueError(f"image is {w}x{h}: aspect ratio over {max_aspect:g}:1")
         img.load()
     except UnidentifiedImageError as exc:
         raise ValueError(
@@ -174,6 +197,4 @@ def decode_image(data: bytes) -> Any:
         raise ValueError(f"image could not be decoded: too many pixels ({exc})") from exc
     except (OSError, ValueError) as exc:
         raise ValueError(f"image could not be decoded: {exc}") from exc
-    if img.width < 1 or img.height < 1:
-        raise ValueError("image has no pixels")
     return img.convert("RGB")

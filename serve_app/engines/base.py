@@ -31,6 +31,7 @@ from typing import Any
 from resilience import (
     FallbackExecutor,
     GenGuardError,
+    ModelTimeout,
     ModelUnavailable,
     RetryBudget,
     RetryPolicy,
@@ -170,10 +171,21 @@ class Engine:
             oom_changes[step] = smaller[1]
             return smaller[0]
 
+        order = [s.model for s in req.chain]
+        reserve = self.cfg.resilience.fallback_reserve_ratio
+
         async def call(step: str, attempt_no: int, params: dict[str, Any]) -> dict[str, Any]:
             response = self.handles[step].generate.remote(params)
+            cap = None
+            if reserve > 0 and order.index(step) < len(order) - 1:
+                cap = max(0.0, (req.deadline_at - time.monotonic()) * (1.0 - reserve))
             try:
-                return dict(await response)
+                return dict(await asyncio.wait_for(response, timeout=cap))
+            except TimeoutError:
+                response.cancel()
+                raise ModelTimeout(
+                    f"{step}: no answer within {cap:.1f}s (time kept for the fallback)", model=step
+                ) from None
             except asyncio.CancelledError:
                 response.cancel()
                 raise

@@ -124,7 +124,8 @@ class ModelServer:
         image = None
         if payload.get("image") is not None:
             try:
-                image = decode_image(payload["image"])
+                c = self.cfg.constraints
+                image = decode_image(payload["image"], max_pixels=c.max_image_pixels, max_aspect=c.max_image_aspect)
             except ValueError as exc:
                 violations.append(Violation(("body", "image"), str(exc), "value_error.image"))
         if violations:
@@ -159,7 +160,16 @@ class ModelServer:
             poison = self.faults.before_generate(cancel) if self.faults is not None else False
             t0 = time.monotonic()
             generator = torch.Generator(device="cpu").manual_seed(params.seed)
-            frames = self.runner.run(self.pipe, params, generator=generator, callback_on_step_end=on_step)
+            try:
+                frames = self.runner.run(self.pipe, params, generator=generator, callback_on_step_end=on_step)
+            except (ValueError, TypeError) as exc:
+                # diffusers and the tokenizers raise these for inputs they
+                # refuse (after our own checks passed): the caller's request,
+                # not a sick model, so no retry and no breaker failure.
+                raise ConstraintError(
+                    self.key, [{"loc": ["body"], "msg": f"{self.key} refused the input: {exc}",
+                                "type": "value_error.model_input"}]
+                ) from exc
             gen_s = time.monotonic() - t0
         frames = np.asarray(frames, dtype=np.float32)
         if poison:

@@ -220,8 +220,14 @@ def test_seed_is_drawn_and_echoed(server: str) -> None:
     "path,body,loc,fragment",
     [
         ("/v1/images", {"prompt": "x", "height": 65}, ["body", "height"], "multiple of 16: 64 or 80"),
-        ("/v1/images", {"prompt": "x", "num_inference_steps": 0}, ["body", "num_inference_steps"], "between 1 and 50"),
-        ("/v1/images", {"prompt": "x", "num_inference_steps": -2}, ["body", "num_inference_steps"], "between 1 and 50"),
+        ("/v1/images", {"prompt": "x", "num_inference_steps": 0}, ["body", "num_inference_steps"], "between 2 and 50"),
+        ("/v1/images", {"prompt": "x", "num_inference_steps": -2}, ["body", "num_inference_steps"], "between 2 and 50"),
+        ("/v1/images", {"prompt": "x", "num_inference_steps": 1}, ["body", "num_inference_steps"], "between 2 and 50"),
+        ("/v1/images", {"prompt": "x", "guidance_scale": 1e39}, ["body", "guidance_scale"], "between 0 and 50"),
+        ("/v1/images", {"prompt": "\ud800 cat"}, ["body", "prompt"], "lone surrogate"),
+        ("/v1/images/edits", {"prompt": "x", "image": png_b64(4000, 1)}, ["body", "image"], "aspect ratio"),
+        ("/v1/images/edits", {"prompt": "x", "image": png_b64(), "model": "qwen-image", "fallback": "strict"},
+         ["body", "model"], "would drop image"),
         ("/v1/images", {"prompt": "x", "num_inference_steps": "ten"}, ["body", "num_inference_steps"], "integer"),
         ("/v1/images", {"width": 64}, ["body", "prompt"], "prompt is required"),
         ("/v1/images", {"prompt": "x", "model": "dall-e"}, ["body", "model"], "cannot serve text-to-image"),
@@ -280,6 +286,18 @@ def test_admin_routes_absent_without_token(server: str) -> None:
     for method, path in [("GET", "/admin/faults"), ("POST", "/admin/reset"), ("PUT", "/admin/degradation")]:
         r = httpx.request(method, server + path, json={"level": 1})
         assert r.status_code == 404 and r.json()["error"]["kind"] == "not_found"
+
+
+def test_chunked_body_over_limit_is_413(server: str) -> None:
+    """A chunked upload over max_body_bytes is a 413 too, not a parse error."""
+    def chunks():
+        yield b'{"prompt": "x", "image": "'
+        for _ in range(17):
+            yield b"A" * (1024 * 1024)
+        yield b'"}'
+
+    r = httpx.post(server + "/v1/videos", content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["kind"] == "payload_too_large"
 
 
 def test_cli_client_writes_file(server: str, tmp_path: Path) -> None:

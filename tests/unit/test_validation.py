@@ -119,3 +119,31 @@ def test_decode_image() -> None:
     assert img.mode == "RGB" and img.size == (10, 12)
     with pytest.raises(ValueError, match="could not be decoded"):
         decode_image(b"not an image")
+
+
+def test_min_steps_and_guidance_cap() -> None:
+    """A model's min_steps and max_guidance_scale are enforced with their bounds."""
+    c = Constraints(multiple_of=16, max_side_px=512, max_steps=50, min_steps=2, max_guidance_scale=20)
+    p = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1}
+    assert msgs(check_params(p, c, video=False))[("body", "num_inference_steps")] == (
+        "num_inference_steps must be between 2 and 50, got 1")
+    p = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 4, "guidance_scale": 1e39}
+    assert "between 0 and 20" in msgs(check_params(p, c, video=False))[("body", "guidance_scale")]
+
+
+def test_lone_surrogate_prompt_is_refused() -> None:
+    """A prompt that is not encodable text is a caller error, not a model failure."""
+    p = {"prompt": "\ud800 cat", "width": 64, "height": 64, "num_inference_steps": 4}
+    assert "lone surrogate" in msgs(check_params(p, IMAGE, video=False))[("body", "prompt")]
+
+
+def test_decode_image_limits_checked_from_header() -> None:
+    """Too many pixels or an extreme aspect ratio is refused before decoding."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 1)).save(buf, format="PNG")
+    with pytest.raises(ValueError, match="aspect ratio over 20"):
+        decode_image(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("L", (300, 300)).save(buf, format="PNG")
+    with pytest.raises(ValueError, match="more than 10000 pixels"):
+        decode_image(buf.getvalue(), max_pixels=10_000)
