@@ -182,6 +182,21 @@ def deploy(apps: list[dict[str, Any]], port: int) -> None:
     client.deploy_apps(schema, _blocking=False)
 
 
+def wait_app_running(name: str = APP, timeout: float = 300) -> None:
+    """Until Serve reports the application RUNNING (every deployment healthy)."""
+    from ray import serve
+
+    t0 = time.monotonic()
+    status = None
+    while time.monotonic() - t0 < timeout:
+        app = serve.status().applications.get(name)
+        status = None if app is None else str(getattr(app.status, "value", app.status))
+        if status == "RUNNING":
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"application {name} not RUNNING: {status}")
+
+
 def wait_ready(url: str, timeout: float = 600) -> dict[str, Any]:
     t0 = time.monotonic()
     last: Any = None
@@ -237,6 +252,7 @@ def chaos_app(ray_cluster: None, serve_port: int, tiny_dir: Path) -> ChaosApp:
 @pytest.fixture
 def chaos(chaos_app: ChaosApp) -> Iterator[ChaosApp]:
     """The chaos app, reset before and after the test (no fault or OPEN breaker leaks)."""
+    wait_app_running()
     chaos_app.wait_all_healthy()
     chaos_app.reset()
     yield chaos_app
