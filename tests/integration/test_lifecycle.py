@@ -180,8 +180,13 @@ def test_sick_replica_is_replaced_by_health_check(chaos: ChaosApp, serve_port: i
         assert now and now != before, "Serve did not replace the sick replica"
         chaos.wait_all_healthy()
         chaos.reset()
-        r = chaos.video(model="wan-ati", num_frames=5, **img)
-        assert r.status_code == 200 and r.headers["x-model"] == "wan-ati"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = chaos.video(model="wan-ati", num_frames=5, deadline_s=60, **img)
+            if r.status_code == 200 and r.headers["x-model"] == "wan-ati":
+                break
+            time.sleep(1.0)
+        assert r.status_code == 200 and r.headers["x-model"] == "wan-ati", (r.status_code, dict(r.headers))
     finally:
         deploy([main], serve_port)
         time.sleep(2.0)  # let the controller start the rollout before polling
