@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.supervisor import derive_health
+
 log = logging.getLogger("genguard.health")
 
 
@@ -43,24 +45,6 @@ class ModelHealth:
             "message": self.message,
             "since": self.since,
         }
-
-
-def classify(status: str, replica_states: dict[str, int], message: str) -> tuple[str, bool, int]:
-    """(health, settled, running) from one Serve deployment status."""
-    running = int(replica_states.get("RUNNING", 0))
-    starting = sum(int(v) for k, v in replica_states.items() if k in ("STARTING", "PENDING_MIGRATION"))
-    if status == "DEPLOY_FAILED":
-        return ("degraded" if running else "down"), True, running
-    if status in ("HEALTHY", "DOWNSCALING"):
-        # HEALTHY with no replica: scaled to zero on purpose; a call starts one.
-        return "healthy", True, running
-    if status == "UPSCALING":
-        return ("healthy" if running else "down"), running > 0, running
-    if status == "UNHEALTHY":
-        return ("degraded" if running else "down"), True, running
-    # UPDATING: first start (or a rollout) in progress.
-    del starting
-    return ("healthy" if running else "down"), running > 0, running
 
 
 class HealthMonitor:
@@ -102,7 +86,10 @@ class HealthMonitor:
                 continue
             states = {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
             st = str(getattr(dep.status, "value", dep.status))
-            health, settled, running = classify(st, states, dep.message)
+            # The supervisor's rule, so both views of Serve agree.
+            health, settled, running = derive_health(st, states, was_settled=mh.settled)
+            if health == "starting":  # API.md knows healthy/degraded/down only
+                health = "down"
             if health != mh.health:
                 mh.since = time.time()
             mh.health, mh.status, mh.running = health, st, running
