@@ -104,6 +104,29 @@ def latency(url: str) -> dict[str, object]:
     return out
 
 
+def steady_load(url: str, n: int = 200, concurrency: int = 4) -> dict[str, object]:
+    """Supervisor calls per request under a steady load with the config's
+    default report and refresh intervals (no faults)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> int:
+        body = {"prompt": "a red fox", "seed": i, "model": "qwen-image" if i % 2 else "hunyuan-video"}
+        path = "/v1/images" if i % 2 else "/v1/videos"
+        return httpx.post(url + path, json=body, timeout=120).status_code
+
+    s0 = httpx.get(url + "/v1/status", timeout=10).json()["supervisor"]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        codes = list(pool.map(one, range(n)))
+    took = time.monotonic() - t0
+    s1 = httpx.get(url + "/v1/status", timeout=10).json()["supervisor"]
+    calls = sum(s1["calls"].values()) - sum(s0["calls"].values())
+    reqs = s1["requests"] - s0["requests"]
+    return {"requests": reqs, "ok": codes.count(200), "seconds": round(took, 1),
+            "rps": round(n / took, 1), "supervisor_calls": calls,
+            "calls_per_request": round(calls / max(1, reqs), 3)}
+
+
 def chaos_kill(url: str, n: int = 100) -> dict[str, object]:
     import ray
 
@@ -149,6 +172,7 @@ def main() -> None:
         idle = ray_rss_mib()
         result = {"ready_s": round(ready_s, 1), "latency": latency(url)}
         result["memory_mib"] = {"idle_after_ready": round(idle), "after_latency_run": round(ray_rss_mib())}
+        result["steady_load"] = steady_load(url)
         result["chaos_kill_primary_text_to_image"] = chaos_kill(url)
         status = httpx.get(url + "/v1/status", timeout=10).json()
         result["supervisor"] = status["supervisor"]
