@@ -322,8 +322,6 @@ class AppConfig(BaseModel):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     fault_injection: FaultInjectionConfig = FaultInjectionConfig()
     resilience: ResilienceConfig = ResilienceConfig()
-    # Seconds between the router's polls of Serve's deployment status.
-    status_poll_s: float = Field(1.0, gt=0)
 
     @field_validator("models")
     @classmethod

@@ -14,7 +14,6 @@ survives.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from resilience import (
     Backpressure,
@@ -116,7 +115,3 @@ def from_handle_exception(exc: BaseException, model: str) -> GenGuardError:
     if isinstance(exc, GenGuardError):
         return exc
     return InternalError(f"{model}: unexpected {type(exc).__name__}: {exc}", model=model)
-
-
-def describe(err: GenGuardError) -> dict[str, Any]:
-    return {"kind": err.kind, "message": err.message, "model": err.model}

@@ -257,7 +257,10 @@ class Router:
         self.link = SupervisorLink(self.cfg, app_name)
         # Own serve.status() polling only while the supervisor's view is stale.
         self.health = HealthMonitor(
-            app_name, list(self.cfg.models), self.cfg.status_poll_s, should_poll=lambda: not self.link.fresh()
+            app_name,
+            list(self.cfg.models),
+            self.cfg.resilience.supervisor.health_poll_s,
+            should_poll=lambda: not self.link.fresh(),
         )
         self.budget = RetryBudget(RetryBudgetPolicy.from_mapping(self.cfg.resilience.retry_budget))
         self.optimizer = Optimizer(self.cfg)

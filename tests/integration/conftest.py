@@ -61,7 +61,6 @@ def fast_app_config(name: str = APP, route_prefix: str = "/") -> dict[str, Any]:
     args = app["args"]
     args["resilience"] = copy.deepcopy(FAST_RESILIENCE)
     args["deadline"] = {"default_s": 20, "max_s": 60}
-    args["status_poll_s"] = 0.5
     args["fault_injection"] = {"enabled": True, "poll_s": 0.2}
     for m in args["models"].values():
         # Replica replacement on repeated failures has its own test; here a
